@@ -1,0 +1,40 @@
+"""Decoding state for incremental generation, one object per model family with the same small interface:
+`pos` (tokens consumed so far) and `advance(n)`, which the model calls after each forward pass."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (layers, batch, kv_heads, max_len, head_dim)."""
+
+    def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, device, dtype):
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this chunk's keys/values and return everything up to and including it."""
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked for {end}")
+        self.keys[layer, :, :, self.pos:end] = k
+        self.values[layer, :, :, self.pos:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, length: int) -> None:
+        self.pos += length
+
+
+class MixerState:
+    """MicroMixer's running sums of LN1(x), one (batch, H) fp32 tensor per layer: O(1) work per new token."""
+
+    def __init__(self, n_layers, batch_size, dim, device):
+        self.sums = torch.zeros((n_layers, batch_size, dim), device=device, dtype=torch.float32)
+        self.pos = 0
+
+    def advance(self, length: int) -> None:
+        self.pos += length

@@ -1,0 +1,189 @@
+"""The LLaMA-style decoder: RMSNorm, RoPE (any base, linear or NTK-aware scaling), grouped-query attention, SwiGLU.
+
+Weights are laid out as llama2.c names them (wq/wk/wv/wo, w1/w2/w3) but RoPE uses the half-split ("rotate_half")
+layout of Hugging Face Llama, so our q/k rows map to transformers' without permutation; the llama2.c export permutes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..recipe import ModelConfig
+from .cache import KVCache
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the activation dtype, as the originals do.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
+    head_dim = config.resolved_head_dim()
+    base = config.rope_theta
+    if config.rope_scaling == "ntk":
+        # NTK-aware scaling stretches the base so the lowest frequency covers factor x the trained context.
+        base = base * config.rope_scaling_factor ** (head_dim / (head_dim - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if config.rope_scaling == "linear":
+        inv_freq = inv_freq / config.rope_scaling_factor  # positions squeezed by the factor
+    return inv_freq
+
+
+def max_positions(config: ModelConfig) -> int:
+    if config.rope_scaling == "none":
+        return config.context_length
+    return int(config.context_length * config.rope_scaling_factor)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.resolved_kv_heads()
+        self.head_dim = config.resolved_head_dim()
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.wq(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        mask, causal = None, True
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.update(layer, k, v)
+            if start > 0:
+                causal = False
+                if length > 1:  # a chunk after earlier tokens: each query sees the past and its own prefix
+                    keys = torch.arange(start + length, device=x.device)
+                    queries = torch.arange(start, start + length, device=x.device)
+                    mask = keys[None, :] <= queries[:, None]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and length > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        out = out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)
+        return self.resid_dropout(self.wo(out))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden = config.resolved_hidden_dim()
+        self.w1 = nn.Linear(config.dim, hidden, bias=config.w1_bias)  # gate
+        self.w2 = nn.Linear(hidden, config.dim, bias=False)  # down
+        self.w3 = nn.Linear(config.dim, hidden, bias=False)  # up
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x, cos, sin, cache, layer):
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        # Tied and pinv heads own no matrix of their own; untied has one.
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False) if config.unembedding == "untied" else None
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        self.max_positions = max_positions(config)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, 0.02) everywhere, N(0, 0.02/sqrt(2L)) on each residual branch's output projection.
+
+        nanoGPT scales the true output projections (wo, w2); llama2.c scales wo and w3, which we take for a slip."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        branch_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for layer in self.layers:
+            nn.init.normal_(layer.attention.wo.weight, mean=0.0, std=branch_std)
+            nn.init.normal_(layer.feed_forward.w2.weight, mean=0.0, std=branch_std)
+
+    def unembedding_matrix(self) -> torch.Tensor:
+        """The (vocab x dim) matrix that maps hidden states to logits."""
+        if self.output is not None:
+            return self.output.weight
+        if self.config.unembedding == "pinv":
+            # pinv(E) is (dim x vocab); recomputed every call so gradients reach E.
+            return torch.linalg.pinv(self.tok_embeddings.weight.float()).t()
+        return self.tok_embeddings.weight
+
+    def rope_tables(self, start: int, length: int, dtype: torch.dtype):
+        if start + length > self.max_positions:
+            raise ValueError(f"positions up to {start + length} exceed the model's {self.max_positions}")
+        positions = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)
+        angles = torch.outer(positions, self.inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+        weight = self.tok_embeddings.weight
+        return KVCache(
+            n_layers=self.config.n_layers, batch_size=batch_size, n_kv_heads=self.config.resolved_kv_heads(),
+            max_len=max_len or self.max_positions, head_dim=self.config.resolved_head_dim(),
+            device=device or weight.device, dtype=dtype or weight.dtype,
+        )
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        start = cache.pos if cache is not None else 0
+        x = self.dropout(self.tok_embeddings(ids))
+        cos, sin = self.rope_tables(start, ids.shape[1], x.dtype)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, index)
+        if cache is not None:
+            cache.advance(ids.shape[1])
+        h = self.norm(x)
+        unembedding = self.unembedding_matrix()
+        logits = F.linear(h.to(unembedding.dtype), unembedding)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return logits, loss
