@@ -26,6 +26,13 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _default_mode(directory: bool) -> int:
+    """What open()/mkdir() would give (mkstemp/mkdtemp make private 0600/0700 files, which would surprise users)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def _fsync_directory(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -43,6 +50,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, _default_mode(directory=False))
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
@@ -75,6 +83,7 @@ def atomic_directory(path: str | Path, replace: bool = True) -> Iterator[Path]:
     if path.exists() and not replace:
         raise TinylmError(f"{path} already exists")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, _default_mode(directory=True))
     try:
         yield tmp
         for file in tmp.rglob("*"):

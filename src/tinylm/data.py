@@ -1,0 +1,463 @@
+"""TinyStories in, token shards out: reading, cleaning, splitting, tokenising, and batches for training/evaluation.
+
+Readers accept the forms the dataset is met in: raw text with `<|endoftext|>` separator lines (V1, V2), text whose
+stories are separated by blank lines, JSON lists / {"texts"|"stories": [...]} / JSONL records with a `text` or `story`
+field; gzipped or not; a file, a directory or a glob. Or, when `data.paths` is empty, files of a Hugging Face dataset.
+
+The train/validation split is decided per story by a hash of its text (and `split_seed`): it never depends on file
+order, and a story is never on both sides (exact duplicates are dropped first).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import os
+import re
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .errors import TinylmError
+from .files import atomic_directory, atomic_write_json, verify_manifest, write_manifest
+from .models import IGNORE_INDEX
+from .recipe import DataConfig, Recipe
+from .tokenizer import REPO_ROOT, Tokenizer, build_tokenizer
+
+SEPARATOR = "<|endoftext|>"
+STORY_SUFFIXES = (".txt", ".json", ".jsonl", ".txt.gz", ".json.gz", ".jsonl.gz")  # taken from directories
+SHARD_FORMAT = 1
+ENCODE_CHUNK = 4096  # stories per encode_batch call: bounded memory, a moving progress bar
+
+
+@dataclass
+class Corpus:
+    stories: list[str]
+    files: list[str]
+    replaced_bytes: int = 0  # undecodable bytes replaced by U+FFFD
+    duplicates: int = 0
+
+
+# ---------------------------------------------------------------- finding files
+
+def resolve_data_files(config: DataConfig) -> list[Path]:
+    """The files a data config names: paths (files, directories, globs) or, when empty, hub downloads."""
+    if not config.paths:
+        return hub_files(config)
+    found: list[Path] = []
+    for pattern in config.paths:
+        if not pattern.strip():
+            raise TinylmError("data.paths has an empty entry")
+        matches = _expand(pattern)
+        if not matches and not Path(pattern).is_absolute():
+            matches = _expand(str(REPO_ROOT / pattern))  # recipes name paths relative to the repository root
+        if not matches:
+            raise TinylmError(f"data path not found: {pattern}")
+        found += [m for m in matches if m not in found]
+    return found
+
+
+def _expand(pattern: str) -> list[Path]:
+    names = sorted(glob.glob(os.path.expanduser(pattern), recursive=True)) if glob.has_magic(pattern) else [pattern]
+    files: list[Path] = []
+    for name in names:
+        path = Path(os.path.expanduser(name))
+        if path.is_dir():
+            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(STORY_SUFFIXES)
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not inside:
+                raise TinylmError(f"data directory {path} has no story files ({', '.join(STORY_SUFFIXES)})")
+            files += inside
+        elif path.is_file():
+            files.append(path)
+    return files
+
+
+def hub_cache_dir() -> str | None:
+    """huggingface_hub reads its environment once, at import; read it again now so a later setting counts."""
+    home = os.environ.get("HF_HOME")
+    return os.environ.get("HF_HUB_CACHE") or (os.path.join(home, "hub") if home else None)
+
+
+def hub_files(config: DataConfig) -> list[Path]:
+    if not config.hub_dataset:
+        raise TinylmError("data.paths is empty and data.hub_dataset is not set")
+    if not config.hub_files:
+        raise TinylmError(f"data.hub_files is empty: name the files of {config.hub_dataset} to use, "
+                          "e.g. [\"TinyStoriesV2-GPT4-valid.txt\"]")
+    from huggingface_hub import hf_hub_download
+
+    offline = any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+                  for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    paths = []
+    for name in config.hub_files:
+        try:
+            path = hf_hub_download(repo_id=config.hub_dataset, repo_type="dataset", filename=name,
+                                   cache_dir=hub_cache_dir(), local_files_only=offline)
+        except Exception as exc:  # network, missing file, offline cache miss: all one line for the user
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise TinylmError(f"cannot get {name} from the Hugging Face dataset {config.hub_dataset}"
+                              f"{' (offline)' if offline else ''}: {first}") from None
+        paths.append(Path(path))
+    return paths
+
+
+# ---------------------------------------------------------------- reading stories
+
+def _read_text(path: Path) -> tuple[str, int]:
+    """Decoded text of a (possibly gzipped) file and the number of undecodable bytes replaced."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise TinylmError(f"cannot read {path}: {exc}") from None
+    if b"\x00" in raw:
+        raise TinylmError(f"{path} is not a text file (it has NUL bytes)")
+    try:
+        text, replaced = raw.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text, replaced = re.subn("[\udc80-\udcff]", "\ufffd", raw.decode("utf-8", "surrogateescape"))
+        if replaced > 0.2 * len(raw):
+            raise TinylmError(f"{path} is not UTF-8 text ({replaced:,} of {len(raw):,} bytes undecodable)")
+    return text.removeprefix("\ufeff"), replaced
+
+
+def _stories_from_json(value, path: Path) -> list[str]:
+    if isinstance(value, dict):
+        for key in ("texts", "stories"):
+            if isinstance(value.get(key), list):
+                return _stories_from_json(value[key], path)
+        value = [value]
+    if not isinstance(value, list):
+        raise TinylmError(f"{path}: expected a JSON list of stories or {{\"texts\": [...]}}")
+    stories = []
+    for i, item in enumerate(value):
+        if isinstance(item, dict):
+            item = item.get("text", item.get("story"))
+        if not isinstance(item, str):
+            raise TinylmError(f"{path}: record {i} is not a string and has no 'text' or 'story' string field")
+        if re.search("[\ud800-\udfff]", item):  # JSON escapes can make lone surrogates, which UTF-8 cannot hold
+            item = re.sub("[\ud800-\udfff]", "\ufffd", item)
+        stories.append(item)
+    return stories
+
+
+def _parse_jsonl(text: str, path: Path) -> list:
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise TinylmError(f"{path}:{number}: malformed JSON line ({exc.msg})") from None
+    return records
+
+
+def split_raw_stories(text: str, path: Path = Path("text")) -> list[str]:
+    """The stories of one file's text, before clean-up."""
+    name = path.name.lower().removesuffix(".gz")
+    head = text.lstrip()[:1]
+    if name.endswith(".jsonl"):
+        return _stories_from_json(_parse_jsonl(text, path), path)
+    if name.endswith(".json") or head in ("[", "{"):
+        try:
+            return _stories_from_json(json.loads(text), path)
+        except json.JSONDecodeError as exc:
+            if head == "{":
+                try:
+                    return _stories_from_json(_parse_jsonl(text, path), path)
+                except TinylmError:
+                    pass
+            if name.endswith(".json"):
+                raise TinylmError(f"{path}: malformed JSON ({exc})") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if SEPARATOR in text:
+        return text.split(SEPARATOR)
+    return re.split(r"\n[ \t]*\n", text)  # no separators: each blank-line-separated block is a story
+
+
+def clean_story(story: str) -> str:
+    return story.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+def read_stories(files: list[Path], max_stories: int = 0) -> Corpus:
+    """Read, clean (line endings, strip), drop empty and exact-duplicate stories; stop after max_stories."""
+    corpus = Corpus(stories=[], files=[str(f) for f in files])
+    seen: set[str] = set()
+    for path in files:
+        text, replaced = _read_text(path)
+        corpus.replaced_bytes += replaced
+        for story in split_raw_stories(text, path):
+            story = clean_story(story)
+            if not story:
+                continue
+            if story in seen:
+                corpus.duplicates += 1
+                continue
+            seen.add(story)
+            corpus.stories.append(story)
+            if max_stories and len(corpus.stories) >= max_stories:
+                break
+        if max_stories and len(corpus.stories) >= max_stories:
+            break
+    if not corpus.stories:
+        raise TinylmError(f"no stories found in {', '.join(corpus.files)}")
+    return corpus
+
+
+def load_corpus(config: DataConfig) -> Corpus:
+    return read_stories(resolve_data_files(config), config.max_stories)
+
+
+def train_tokenizer(recipe: Recipe, corpus: Corpus | None = None) -> tuple[Tokenizer, Corpus | None]:
+    """The recipe's tokenizer: bpe/chars learn from the TRAIN split only, so validation figures stay honest."""
+    if recipe.tokenizer.kind in ("bytes", "gpt2"):
+        return build_tokenizer(recipe.tokenizer), corpus
+    corpus = corpus if corpus is not None else load_corpus(recipe.data)
+    train, _ = split_stories(corpus.stories, recipe.data.val_fraction, recipe.data.split_seed)
+    return build_tokenizer(recipe.tokenizer, train), corpus
+
+
+# ---------------------------------------------------------------- the split
+
+def is_validation(story: str, val_fraction: float, seed: int) -> bool:
+    digest = hashlib.blake2b(f"{seed}\0{story}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < val_fraction * 2.0**64
+
+
+def split_stories(stories: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    train, val = [], []
+    for story in stories:
+        (val if is_validation(story, val_fraction, seed) else train).append(story)
+    return train, val
+
+
+# ---------------------------------------------------------------- framing and shards
+
+def frame_prefix(tokenizer: Tokenizer, framing: str) -> list[int]:
+    """The ids a sequence starts with; generation prompts start with it too."""
+    roles = {"bos": [tokenizer.bos_id], "sink_bos": [tokenizer.sink_id, tokenizer.bos_id],
+             "eos": [tokenizer.eos_id], "none": []}
+    if framing not in roles:
+        raise TinylmError(f"unknown framing '{framing}' (bos, eos, sink_bos, none)")
+    if any(i is None for i in roles[framing]):
+        raise TinylmError(f"framing '{framing}' needs special tokens this tokenizer lacks ({tokenizer.special_ids})")
+    return [int(i) for i in roles[framing]]
+
+
+def block_prefix(tokenizer: Tokenizer, framing: str) -> list[int]:
+    """Ids placed at the start of EVERY training/evaluation block: only `sink_bos` pins them (<sink> <s>)."""
+    return frame_prefix(tokenizer, framing) if framing == "sink_bos" else []
+
+
+def _frame(ids_list: list[list[int]], tokenizer: Tokenizer, framing: str, separator: list[int], first: bool):
+    """One flat token stream: bos -> <s> story; eos -> story </s>; sink_bos -> story </s> (each block gets
+    <sink> <s> in front, as the pair template `<sink> <s> $A </s> $B`); none -> stories joined by "\\n\\n"."""
+    out: list[int] = []
+    for ids in ids_list:
+        if framing == "bos":
+            out.append(tokenizer.bos_id)
+            out += ids
+        elif framing in ("eos", "sink_bos"):
+            out += ids
+            out.append(tokenizer.eos_id)
+        else:
+            if not first:
+                out += separator
+            out += ids
+        first = False
+    return out
+
+
+def corpus_fingerprint(config: DataConfig, files: list[Path]) -> str:
+    stats = []
+    for f in files:
+        st = Path(f).stat()
+        stats.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
+    settings = {"files": stats, "max_stories": config.max_stories, "val_fraction": config.val_fraction,
+                "split_seed": config.split_seed, "framing": config.framing, "format": SHARD_FORMAT}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _reusable(data_dir: Path, corpus_fp: str, tokenizer_fp: str) -> dict | None:
+    meta_path = data_dir / "meta.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        verify_manifest(data_dir)
+    except (TinylmError, json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None  # incomplete or damaged: rebuild
+    if meta.get("corpus_fingerprint") != corpus_fp or meta.get("tokenizer_fingerprint") != tokenizer_fp:
+        return None
+    return meta
+
+
+def prepare_data(recipe: Recipe, tokenizer: Tokenizer, data_dir: str | Path, progress: bool = True,
+                 corpus: Corpus | None = None) -> dict:
+    """Tokenise the corpus once into data_dir/{train,val}.bin + meta.json + manifest.json; reuse matching shards."""
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    data_dir, config = Path(data_dir), recipe.data
+    files = [Path(f) for f in corpus.files] if corpus is not None else resolve_data_files(config)
+    corpus_fp, tokenizer_fp = corpus_fingerprint(config, files), tokenizer.fingerprint()
+    old = _reusable(data_dir, corpus_fp, tokenizer_fp)
+    if old is not None:
+        return {**old, "reused": True, "seconds": time.perf_counter() - started}
+    prefix = frame_prefix(tokenizer, config.framing)  # fails early when the tokenizer lacks the framing's ids
+    corpus = corpus if corpus is not None else read_stories(files, config.max_stories)
+    splits = dict(zip(("train", "val"), split_stories(corpus.stories, config.val_fraction, config.split_seed)))
+    for name, stories in splits.items():
+        if not stories:
+            raise TinylmError(f"the {name} split is empty ({len(corpus.stories)} stories, data.val_fraction = "
+                              f"{config.val_fraction}): add data or change data.val_fraction")
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    separator = tokenizer.encode("\n\n") if config.framing == "none" else []
+    meta = {"format": SHARD_FORMAT, "dtype": np.dtype(dtype).name, "tokenizer_fingerprint": tokenizer_fp,
+            "tokenizer_kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "corpus_fingerprint": corpus_fp,
+            "files": corpus.files, "framing": config.framing, "frame_prefix": prefix,
+            "block_prefix": block_prefix(tokenizer, config.framing), "replaced_bytes": corpus.replaced_bytes,
+            "duplicates": corpus.duplicates}
+    bar = tqdm(total=len(corpus.stories), unit="story", desc="tokenising", disable=None if progress else True)
+    with atomic_directory(data_dir) as tmp:
+        for name, stories in splits.items():
+            n_tokens = 0
+            with open(tmp / f"{name}.bin", "wb") as out:
+                for start in range(0, len(stories), ENCODE_CHUNK):
+                    chunk = stories[start:start + ENCODE_CHUNK]
+                    stream = _frame(tokenizer.encode_batch(chunk), tokenizer, config.framing, separator, start == 0)
+                    array = np.array(stream, dtype=np.int64)
+                    if array.size and (array.min() < 0 or array.max() >= tokenizer.vocab_size):
+                        raise AssertionError("token id outside the vocabulary")
+                    out.write(array.astype(dtype).tobytes())
+                    n_tokens += array.size
+                    bar.update(len(chunk))
+            n_bytes = sum(len(s.encode("utf-8")) for s in stories)
+            if config.framing == "none":
+                n_bytes += 2 * (len(stories) - 1)  # the "\n\n" between stories is predicted text too
+            meta[name] = {"n_tokens": n_tokens, "n_bytes": n_bytes, "n_stories": len(stories), "file": f"{name}.bin"}
+        atomic_write_json(tmp / "meta.json", meta)
+        write_manifest(tmp, extra={"kind": "tinylm token shards"})
+    bar.close()
+    return {**meta, "reused": False, "seconds": time.perf_counter() - started}
+
+
+class TokenShard:
+    """One split's tokens as a read-only memory map, with the statistics of meta.json beside it."""
+
+    def __init__(self, path: str | Path, tokenizer: Tokenizer | None = None):
+        self.path = Path(path)
+        self.split = self.path.stem
+        meta_path = self.path.parent / "meta.json"
+        if not self.path.is_file() or not meta_path.is_file():
+            raise TinylmError(f"token shard not found: {self.path} (run `tinylm data prepare` first)")
+        try:
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            stats = self.meta[self.split]
+            self.dtype = np.dtype(self.meta["dtype"])
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise TinylmError(f"{meta_path}: unreadable shard metadata ({exc})") from None
+        if tokenizer is not None:
+            check_tokenizer(self.meta, tokenizer, self.path.parent)
+        self.n_tokens: int = stats["n_tokens"]
+        self.n_bytes: int = stats["n_bytes"]
+        self.n_stories: int = stats["n_stories"]
+        self.block_prefix: list[int] = list(self.meta.get("block_prefix", []))
+        self.frame_prefix: list[int] = list(self.meta.get("frame_prefix", []))
+        size = self.path.stat().st_size
+        if size != self.n_tokens * self.dtype.itemsize:
+            raise TinylmError(f"{self.path}: {size} bytes, expected {self.n_tokens * self.dtype.itemsize} (truncated?)")
+        self.tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,)) if self.n_tokens \
+            else np.zeros(0, dtype=self.dtype)
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+
+def check_tokenizer(meta: dict, tokenizer: Tokenizer, where: Path | str = "shards") -> None:
+    if meta.get("tokenizer_fingerprint") != tokenizer.fingerprint():
+        raise TinylmError(f"the tokenizer does not match the shards in {where} (they were made with another "
+                          "tokenizer): run `tinylm data prepare` again")
+
+
+# ---------------------------------------------------------------- batches
+
+def _prefix_for(shard: TokenShard, prefix) -> list[int]:
+    return list(shard.block_prefix if prefix is None else prefix)
+
+
+class BatchSampler:
+    """Random blocks from a shard. Batch k depends only on (seed, k), so state is two numbers and resume is exact.
+
+    A block is `prefix` followed by T - len(prefix) consecutive stream tokens; prefix positions get IGNORE_INDEX
+    targets (their next token is either fixed or an arbitrary cut), the rest predict the following stream token.
+    prefix=None takes the shard's own (<sink> <s> for sink_bos, else none).
+    """
+
+    def __init__(self, shard: TokenShard, batch_size: int, context_length: int, seed: int = 0, prefix=None):
+        self.shard, self.batch_size, self.context_length, self.seed = shard, batch_size, context_length, seed
+        self.prefix = _prefix_for(shard, prefix)
+        self.span = context_length - len(self.prefix)
+        if batch_size < 1 or self.span < 1:
+            raise TinylmError(f"batch size {batch_size} / context {context_length} leave no room for tokens")
+        if shard.n_tokens < self.span + 1:
+            raise TinylmError(f"the {shard.split} split has {shard.n_tokens} tokens, fewer than one block of "
+                              f"{self.span + 1}: add data or shorten the context")
+        self.step = 0
+
+    def __iter__(self) -> "BatchSampler":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFFFFFFFFFF, self.step])
+        self.step += 1
+        starts = rng.integers(0, self.shard.n_tokens - self.span, size=self.batch_size)
+        chunk = torch.from_numpy(self.shard.tokens[starts[:, None] + np.arange(self.span + 1)].astype(np.int64))
+        head = torch.tensor(self.prefix, dtype=torch.long).expand(self.batch_size, -1)
+        x = torch.cat([head, chunk[:, :-1]], dim=1)
+        y = torch.cat([torch.full_like(head, IGNORE_INDEX), chunk[:, 1:]], dim=1)
+        return x, y
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "step": self.step, "batch_size": self.batch_size,
+                "context_length": self.context_length, "prefix": list(self.prefix)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("batch_size", "context_length", "prefix"):
+            if key in state and state[key] != self.state_dict()[key]:
+                raise TinylmError(f"cannot resume the batch sampler: {key} was {state[key]}, now "
+                                  f"{self.state_dict()[key]}")
+        self.seed, self.step = int(state["seed"]), int(state["step"])
+
+
+def eval_batches(shard: TokenShard, batch_size: int, context_length: int,
+                 prefix=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The whole split once, in non-overlapping blocks: tokens 1..n-1 are each predicted exactly once (token 0 has
+    no context). The last block is padded (inputs 0, targets IGNORE_INDEX); the last batch may have fewer rows."""
+    head = _prefix_for(shard, prefix)
+    span = context_length - len(head)
+    if batch_size < 1 or span < 1:
+        raise TinylmError(f"batch size {batch_size} / context {context_length} leave no room for tokens")
+    tokens, n = shard.tokens, shard.n_tokens
+    starts = list(range(0, max(n - 1, 0), span))
+    for first in range(0, len(starts), batch_size):
+        rows = starts[first:first + batch_size]
+        x = torch.zeros((len(rows), context_length), dtype=torch.long)
+        y = torch.full((len(rows), context_length), IGNORE_INDEX, dtype=torch.long)
+        if head:
+            x[:, :len(head)] = torch.tensor(head, dtype=torch.long)
+        for r, s in enumerate(rows):
+            length = min(span, n - 1 - s)
+            block = torch.from_numpy(tokens[s:s + length + 1].astype(np.int64))
+            x[r, len(head):len(head) + length] = block[:-1]
+            y[r, len(head):len(head) + length] = block[1:]
+        yield x, y
