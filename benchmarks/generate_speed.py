@@ -1,0 +1,98 @@
+"""Generation speed: tinylm's engine against transformers' generate on the same weights, in the same process.
+
+aurelius-4m with random weights, extended to 512 positions (linear RoPE x2, the card's extension) so that an 8-token
+prompt plus 256 new tokens fit; temperature 0.5, min-p 0.15, EOS ignored so every row makes all 256 tokens.
+Tokens/s = new tokens / wall time of the whole generate call (prefill included), best of --repeats runs. Both sides
+run with --threads intra-op threads (default 1: on a small shared machine a second thread that waits for a busy core
+costs far more than it gives; tinylm's generate uses 1 thread for batches up to 4 whatever the setting).
+The last line is one JSON object.
+
+    python benchmarks/generate_speed.py [--threads 1] [--repeats 1] [--new-tokens 256] [--hf-batch64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from tinylm.export import hf_state_dict
+from tinylm.export_hf import hf_config
+from tinylm.generate import generate
+from tinylm.models import build_model
+from tinylm.recipe import load_recipe
+
+SETTINGS = dict(temperature=0.5, min_p=0.15)
+
+
+def timed(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def transformers_model(model, recipe):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = type("Ids", (), {"bos_id": 0, "eos_id": 1, "pad_id": None})()
+    config = {k: v for k, v in hf_config(recipe, tokenizer, model.max_positions).items() if k != "tinylm"}
+    hf = LlamaForCausalLM(LlamaConfig(**config)).eval()
+    hf.load_state_dict(hf_state_dict(model), strict=False)  # tied: lm_head is the embedding
+    return hf
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both sides")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--prompt-tokens", type=int, default=8)
+    parser.add_argument("--hf-batch64", action="store_true", help="also time transformers at batch 64 (slow)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    recipe = load_recipe("aurelius-4m", ["model.rope_scaling=\"linear\"", "model.rope_scaling_factor=2.0"])
+    model = build_model(recipe.model).eval()
+    n, vocab = args.new_tokens, recipe.model.vocab_size
+    prompts = torch.randint(2, vocab, (64, args.prompt_tokens)).tolist()
+    for p in prompts:
+        p[0] = 0  # BOS
+
+    def ours(batch: int) -> None:
+        out = generate(model, prompts[:batch], max_new_tokens=n, eos_id=None, seed=0, **SETTINGS)
+        assert all(len(row) == n for row in out)
+
+    hf = transformers_model(model, recipe)
+
+    def theirs(batch: int) -> None:
+        ids = torch.tensor(prompts[:batch])
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
+                              max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0, **SETTINGS)
+        assert out.shape[1] == ids.shape[1] + n
+
+    torch.set_num_threads(args.threads)  # both sides alike
+    generate(model, prompts[:2], max_new_tokens=8, eos_id=None, seed=0, **SETTINGS)  # warm up
+    theirs(1)
+    # generate itself uses 1 thread up to batch 4; a batch-1 run takes a fraction of a second: best of three
+    result = {"batch1_tokens_per_s": n / timed(lambda: ours(1), max(3, args.repeats)),
+              "batch64_tokens_per_s": 64 * n / timed(lambda: ours(64), args.repeats),
+              "transformers_batch1_tokens_per_s": n / timed(lambda: theirs(1), args.repeats)}
+    if args.hf_batch64:
+        result["transformers_batch64_tokens_per_s"] = 64 * n / timed(lambda: theirs(64), args.repeats)
+    result["ratio_batch1"] = result["batch1_tokens_per_s"] / result["transformers_batch1_tokens_per_s"]
+    result.update(threads=args.threads, new_tokens=n, torch=torch.__version__)
+    print(f"tinylm batch 1:        {result['batch1_tokens_per_s']:9.0f} tokens/s")
+    print(f"tinylm batch 64:       {result['batch64_tokens_per_s']:9.0f} tokens/s (all rows together)")
+    print(f"transformers batch 1:  {result['transformers_batch1_tokens_per_s']:9.0f} tokens/s")
+    if "transformers_batch64_tokens_per_s" in result:
+        print(f"transformers batch 64: {result['transformers_batch64_tokens_per_s']:9.0f} tokens/s")
+    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}))
+
+
+if __name__ == "__main__":
+    main()
