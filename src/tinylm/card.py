@@ -1,0 +1,194 @@
+"""The model card (RUN/README.md), its loss plot (RUN/loss.png) and samples (RUN/samples.md), written from the run
+itself: regenerate them with `tinylm card RUN`, never edit them by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .files import atomic_path, atomic_write_text
+from .recipe import recipe_to_toml
+from .runinfo import RunInfo, read_run
+
+TOKENIZER_NAMES = {"bytes": "raw UTF-8 bytes", "bpe": "byte-level BPE", "chars": "character vocabulary",
+                   "gpt2": "GPT-2 BPE (tiktoken ranks)"}
+
+
+def describe_architecture(info: RunInfo) -> str:
+    m = info.recipe.model
+    if m.arch == "mixer":
+        rotary = {"quirk": "the original's rotary quirk", "standard": "a standard rotary transform",
+                  "none": "no position transform"}[m.embedding_rotary]
+        return f"MicroMixer: attention-free MLP mixer with causal running-mean HyperMixing, {rotary} on the embeddings"
+    head = {"tied": "tied embeddings", "untied": "untied embeddings",
+            "pinv": "unembedding = pseudo-inverse of the embedding"}[m.unembedding]
+    attention = "grouped-query" if m.resolved_kv_heads() != m.n_heads else "multi-head"
+    rope = f"RoPE base {m.rope_theta:g}" + (f", {m.rope_scaling} scaling x{m.rope_scaling_factor:g}"
+                                             if m.rope_scaling != "none" else "")
+    return f"LLaMA-style decoder: RMSNorm, SwiGLU, {rope}, {attention} attention, {head}"
+
+
+def details_rows(info: RunInfo) -> list[tuple[str, str]]:
+    m, t = info.recipe.model, info.recipe.tokenizer
+    rows = [("architecture", describe_architecture(info)), ("layers", str(m.n_layers)), ("width", str(m.dim))]
+    if m.arch == "llama":
+        rows += [("SwiGLU hidden", str(m.resolved_hidden_dim())),
+                 ("heads / KV heads", f"{m.n_heads} / {m.resolved_kv_heads()} (head_dim {m.resolved_head_dim()})")]
+    else:
+        rows += [("channel MLP", str(m.resolved_hidden_dim())), ("hypernetwork", str(m.hyper_dim))]
+    rows += [("context", f"{m.context_length} tokens"),
+             ("vocabulary", f"{m.vocab_size:,} ({TOKENIZER_NAMES[t.kind]}"
+                            + (f"; specials {', '.join(t.special_tokens)}" if t.special_tokens else "") + ")"),
+             ("parameters", f"{info.total_params:,} total, {info.non_embedding_params:,} without embeddings"),
+             ("recipe", f"`{info.recipe.name}`" + (f" (reproduces {info.recipe.source})" if info.recipe.source else ""))]
+    return rows
+
+
+def training_rows(info: RunInfo) -> list[tuple[str, str]]:
+    train_split, val_split = info.split("train"), info.split("val")
+    train_tokens = int(train_split.get("n_tokens", 0))
+    rows = [("data", ", ".join(info.recipe.data.paths) or info.recipe.data.hub_dataset),
+            ("stories", f"{train_split.get('n_stories', 0):,} train / {val_split.get('n_stories', 0):,} validation"),
+            ("tokens in the train split", f"{train_tokens:,}"),
+            ("tokens per step", f"{info.tokens_per_step:,}"),
+            ("steps", f"{info.steps:,}"),
+            ("tokens seen", f"{info.tokens_seen:,}")]
+    if train_tokens:
+        rows.append(("epochs", f"{info.tokens_seen / train_tokens:.2f}"))
+    rows += [("tokens per parameter", f"{info.tokens_seen / info.total_params:.1f}"),
+             ("wall time", f"{info.wall_time_s / 60:.1f} min"),
+             ("hardware", hardware_text(info.run.get("hardware"))),
+             ("optimizer", _optimizer_text(info))]
+    return rows
+
+
+def hardware_text(hardware) -> str:
+    if not isinstance(hardware, dict):
+        return str(hardware or "unknown")
+    where = hardware.get("gpu") or f"{hardware.get('cpu', 'CPU')}, {hardware.get('cpu_cores', '?')} cores"
+    return f"{where}; PyTorch {hardware.get('torch', '?')}, Python {hardware.get('python', '?')}"
+
+
+def _optimizer_text(info: RunInfo) -> str:
+    t = info.recipe.train
+    return (f"AdamW lr {t.lr:g} ({t.schedule}, warmup {t.warmup_steps}, min {t.min_lr:g}), betas ({t.beta1:g}, "
+            f"{t.beta2:g}), weight decay {t.weight_decay:g} on 2-D tensors, clip {t.grad_clip:g}, "
+            f"dropout {info.recipe.model.dropout:g}")
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    return "\n".join(["| | |", "|---|---|"] + [f"| {key} | {value} |" for key, value in rows])
+
+
+def sampling_text(info: RunInfo) -> str:
+    s = info.recipe.sample
+    parts = [f"temperature {s.temperature:g}"]
+    parts += [f"top-k {s.top_k}"] if s.top_k else []
+    parts += [f"top-p {s.top_p:g}"] if s.top_p < 1 else []
+    parts += [f"min-p {s.min_p:g}"] if s.min_p else []
+    parts += [f"repetition penalty {s.repetition_penalty:g}"] if s.repetition_penalty != 1 else []
+    return ", ".join(parts)
+
+
+def usage_text(info: RunInfo) -> str:
+    s = info.recipe.sample
+    if info.recipe.model.arch == "mixer":
+        return ("MicroMixer has no transformers class; load the export with tinylm:\n\n```bash\n"
+                f"tinylm sample {info.path}/hf --prompt \"Once upon a time\"\n```")
+    kwargs = [f"temperature={s.temperature:g}"] if s.temperature > 0 else []
+    kwargs += [f"top_k={s.top_k}"] if s.top_k else []
+    kwargs += [f"top_p={s.top_p:g}"] if s.top_p < 1 else []
+    kwargs += [f"min_p={s.min_p:g}"] if s.min_p else []
+    kwargs += [f"repetition_penalty={s.repetition_penalty:g}"] if s.repetition_penalty != 1 else []
+    sample = ", do_sample=True, " + ", ".join(kwargs) if kwargs else ""
+    return ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"path = \"{info.path}/hf\"  # or the hub repository you uploaded it to\n"
+            "tokenizer = AutoTokenizer.from_pretrained(path)\n"
+            "model = AutoModelForCausalLM.from_pretrained(path)\n"
+            "inputs = tokenizer(\"Once upon a time\", return_tensors=\"pt\")\n"
+            f"out = model.generate(**inputs, max_new_tokens={s.max_new_tokens}{sample})\n"
+            "print(tokenizer.decode(out[0], skip_special_tokens=True))\n```")
+
+
+def evaluation_text(info: RunInfo) -> str:
+    e = info.evaluation
+    if not e:
+        return "Not evaluated yet: run `tinylm eval` on the run directory, then `tinylm card` again."
+    return ("Mean over the whole validation split"
+            f" ({e.get('tokens', 0):,} tokens, {e.get('bytes', 0):,} bytes):\n\n"
+            "| val loss (nats/token) | perplexity | bits per byte |\n|---|---|---|\n"
+            f"| {e['loss']:.4f} | {e['perplexity']:.3f} | {e['bits_per_byte']:.4f} |\n\n"
+            "Losses per token do not compare across vocabularies; bits per byte do.")
+
+
+def plot_loss(info: RunInfo, path: Path) -> bool:
+    """Train and validation loss against tokens seen; False when there is nothing to plot."""
+    if not info.train_points and not info.val_points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if info.train_points:
+        ax.plot([p["tokens"] for p in info.train_points], [p["loss"] for p in info.train_points],
+                label="train (per step)", alpha=0.6)
+    if info.val_points:
+        ax.plot([p["tokens"] for p in info.val_points], [p["val_loss"] for p in info.val_points], "o-",
+                label="validation")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"{info.name} ({info.recipe.name})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+def render_card(info: RunInfo, samples: str, has_plot: bool) -> str:
+    arch_tag = "llama" if info.recipe.model.arch == "llama" else "micromixer"
+    command = info.run.get("command") or "unknown"
+    front = ("---\nlanguage: en\nlicense: mit\nlibrary_name: " + ("transformers" if arch_tag == "llama" else "tinylm")
+             + f"\npipeline_tag: text-generation\ntags:\n- tinylm\n- tinystories\n- {arch_tag}\n"
+             "datasets:\n- roneneldan/TinyStories\n---\n")
+    sections = [
+        front,
+        f"# {info.name}\n\nA {info.total_params / 1e6:.2f}M-parameter language model trained on TinyStories with "
+        f"tinylm, recipe `{info.recipe.name}`.{(' ' + info.recipe.notes) if info.recipe.notes else ''}",
+        "## Model details\n\n" + _table(details_rows(info)),
+        "## Training\n\n" + _table(training_rows(info))
+        + f"\n\nCommand:\n\n```bash\n{command}\n```\n\n<details><summary>Resolved recipe</summary>\n\n```toml\n"
+        + recipe_to_toml(info.recipe) + "```\n\n</details>",
+        "## Evaluation\n\n" + evaluation_text(info),
+    ]
+    if has_plot:
+        sections.append("## Loss curve\n\n![loss curve](loss.png)")
+    if samples:
+        sections.append(f"## Samples\n\nWith the recommended settings ({sampling_text(info)}):\n\n{samples}")
+    sections.append("## Usage\n\n" + usage_text(info))
+    sections.append("This card was written by `tinylm card` from the run directory; regenerate it, do not edit it.")
+    return "\n\n".join(sections) + "\n"
+
+
+def format_samples(prompts: list[str], completions: list[str]) -> str:
+    blocks = []
+    for prompt, completion in zip(prompts, completions):
+        text = (prompt + completion).strip().replace("\n", "\n> ")
+        blocks.append(f"**Prompt:** `{prompt}`\n\n> {text}")
+    return "\n\n".join(blocks)
+
+
+def write_card(run_dir: str | Path, samples: str | None = None) -> Path:
+    """Write RUN/loss.png, RUN/samples.md (when samples are given) and RUN/README.md; returns the card's path."""
+    info = read_run(run_dir)
+    if samples is not None:
+        atomic_write_text(info.path / "samples.md", samples + "\n")
+    elif (info.path / "samples.md").is_file():
+        samples = (info.path / "samples.md").read_text(encoding="utf-8").strip()
+    has_plot = plot_loss(info, info.path / "loss.png")
+    card = info.path / "README.md"
+    atomic_write_text(card, render_card(info, samples or "", has_plot))
+    return card
