@@ -360,24 +360,32 @@ class TokenShard:
         meta_path = self.path.parent / "meta.json"
         if not self.path.is_file() or not meta_path.is_file():
             raise TinylmError(f"token shard not found: {self.path} (run `tinylm data prepare` first)")
+        # Shards from prepare_data carry a manifest: a truncated or altered file is named, never read.
+        verified = (self.path.parent / "manifest.json").is_file()
+        if verified:
+            verify_manifest(self.path.parent, only=[self.path.name, "meta.json"])
         try:
             self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
             stats = self.meta[self.split]
             self.dtype = np.dtype(self.meta["dtype"])
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            self.n_tokens: int = int(stats["n_tokens"])
+            self.n_bytes: int = int(stats["n_bytes"])
+            self.n_stories: int = int(stats["n_stories"])
+            self.block_prefix: list[int] = [int(i) for i in self.meta.get("block_prefix", [])]
+            self.frame_prefix: list[int] = [int(i) for i in self.meta.get("frame_prefix", [])]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as exc:
             raise TinylmError(f"{meta_path}: unreadable shard metadata ({exc})") from None
         if tokenizer is not None:
             check_tokenizer(self.meta, tokenizer, self.path.parent)
-        self.n_tokens: int = stats["n_tokens"]
-        self.n_bytes: int = stats["n_bytes"]
-        self.n_stories: int = stats["n_stories"]
-        self.block_prefix: list[int] = list(self.meta.get("block_prefix", []))
-        self.frame_prefix: list[int] = list(self.meta.get("frame_prefix", []))
         size = self.path.stat().st_size
         if size != self.n_tokens * self.dtype.itemsize:
             raise TinylmError(f"{self.path}: {size} bytes, expected {self.n_tokens * self.dtype.itemsize} (truncated?)")
         self.tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,)) if self.n_tokens \
             else np.zeros(0, dtype=self.dtype)
+        vocab = self.meta.get("vocab_size")
+        if not verified and isinstance(vocab, int) and self.n_tokens and int(self.tokens.max()) >= vocab:
+            # no checksums to go by: at least never feed an id the embedding table does not have
+            raise TinylmError(f"{self.path}: holds token ids >= the vocabulary size {vocab} (corrupted?)")
 
     def __len__(self) -> int:
         return self.n_tokens

@@ -232,6 +232,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is str:
         if not isinstance(value, str):
             raise TinylmError(f"{where}: expected a string, got {value!r}")
+        if any("\ud800" <= ch <= "\udfff" for ch in value):  # undecodable bytes on a command line
+            raise TinylmError(f"{where}: not valid text (it holds bytes that are not UTF-8)")
         return value
     raise AssertionError(f"unhandled type {hint} at {where}")
 
@@ -345,5 +347,10 @@ def _toml_value(value: Any) -> str:
 
 def _toml_string(text: str) -> str:
     escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
-    escaped = "".join(ch if ch.isprintable() or ch in "\\" else f"\\u{ord(ch):04x}" for ch in escaped)
+    escaped = "".join(ch if ch.isprintable() or ch in "\\" else _toml_escape(ord(ch)) for ch in escaped)
     return f'"{escaped}"'
+
+
+def _toml_escape(code: int) -> str:
+    """\\uXXXX holds four hex digits; a character beyond U+FFFF needs \\UXXXXXXXX."""
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
