@@ -184,17 +184,18 @@ def _forward_step(model) -> Callable:
 @torch.inference_mode()
 def generate(model, prompts_ids: Sequence[Sequence[int]], max_new_tokens: int = 200, temperature: float = 0.8,
              top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-             eos_id: int | None = None, seed: int | None = None, stop: StopFn | None = None,
+             eos_id: int | Sequence[int] | None = None, seed: int | None = None, stop: StopFn | None = None,
              stream: StreamFn | None = None, fast: bool = True) -> list[list[int]]:
     """Continue each prompt (a list of ids, frame prefix included); returns the new ids of each row.
 
-    A row ends at `eos_id` (not included in its ids), when `stop(row, ids)` says so, after `max_new_tokens`, or when
+    A row ends at `eos_id` (one id or several; not included in its ids), when `stop(row, ids)` says so, after `max_new_tokens`, or when
     prompt plus new ids fill the model's context. `seed` makes sampling repeatable. `fast=False` decodes through
     model.forward instead of FastLlama (same results)."""
     validate_sampling(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens)
     if seed is not None and not -2**63 <= seed < 2**64:
         raise TinylmError(f"seed must be an integer in [-2**63, 2**64), got {seed}")
     prompts = [[int(i) for i in p] for p in prompts_ids]
+    end_ids = set() if eos_id is None else {int(eos_id)} if isinstance(eos_id, int) else {int(i) for i in eos_id}
     context, vocab = model.max_positions, model.config.vocab_size
     for row, prompt in enumerate(prompts, 1):
         if not prompt:
@@ -218,6 +219,8 @@ def generate(model, prompts_ids: Sequence[Sequence[int]], max_new_tokens: int = 
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
+    elif not -(1 << 63) <= seed < (1 << 64):  # what torch's generator can hold
+        raise TinylmError(f"seed must be in [-2**63, 2**64), got {seed}")
     else:
         generator.manual_seed(seed)
 
@@ -247,7 +250,7 @@ def generate(model, prompts_ids: Sequence[Sequence[int]], max_new_tokens: int = 
             for row, token in zip(active, chosen.tolist()):
                 if done[row] or pos < lengths[row]:
                     continue
-                if token == eos_id:
+                if token in end_ids:
                     done[row] = True
                     continue
                 new[row].append(token)
@@ -311,7 +314,8 @@ def generate_text(model, tokenizer, prompts: Sequence[str], prefix: Sequence[int
 
     `prefix` is the recipe's frame prefix (data.frame_prefix), so an empty prompt starts a story from BOS (or
     <sink> <s>). `stream(row, text)` receives text as it is decided. `settings` are generate's keyword arguments
-    (recipe_sampling(recipe.sample) gives a recipe's); the tokenizer's EOS ends a row."""
+    (recipe_sampling(recipe.sample) gives a recipe's). The tokenizer's EOS ends a row, and so does its BOS: a model
+    trained on BOS-framed stories starts the next story with it."""
     prompts_ids = [list(prefix) + tokenizer.encode(p) for p in prompts]
     for row, ids in enumerate(prompts_ids, 1):
         if not ids:
@@ -319,7 +323,8 @@ def generate_text(model, tokenizer, prompts: Sequence[str], prefix: Sequence[int
                               "(framing 'none'): give some text to continue")
     watcher = _TextWatcher(tokenizer, len(prompts), stop, stream)
     use_watcher = bool(watcher.stop) or stream is not None
-    new = generate(model, prompts_ids, eos_id=tokenizer.eos_id, stop=watcher if use_watcher else None, **settings)
+    end_ids = [i for i in (tokenizer.eos_id, tokenizer.bos_id) if i is not None]
+    new = generate(model, prompts_ids, eos_id=end_ids, stop=watcher if use_watcher else None, **settings)
     texts = []
     for row, ids in enumerate(new):
         text = tokenizer.decode(ids)

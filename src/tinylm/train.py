@@ -1,0 +1,340 @@
+"""Training: one loop for every recipe, on a CPU (fp32, every core) or GPUs (bf16 autocast, DDP under torchrun).
+
+The global batch of step s is one draw of batch_size x grad_accum x world_size blocks from the sampler (which depends
+only on the seed and s); rank r takes its slice and splits it into grad_accum micro-batches. So a step sees the same
+data whatever the number of processes, and two processes with accumulation A give the weights of one with 2A.
+Dropout is reseeded from (seed, rank, step) at every step: a resumed run draws the same masks as an unbroken one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .errors import TinylmError
+from .evaluate import eval_batch_size, loss_sums
+from .files import atomic_write_json, atomic_write_text, verify_manifest
+from .models import build_model
+from .monitor import (MetricsFile, flops_per_token, hardware_description, log_line, peak_flops,
+                      training_parameters)
+from .recipe import Recipe, recipe_to_toml
+from .rng import capture_rng, restore_rng, step_seed
+from .runtime import Context, StopRequest, accumulate_gradients, apply_update, build_optimizer, setup_context
+from .schedule import learning_rate
+
+
+def _rank0_first(ctx: Context, work):
+    """Run `work` on rank 0 while the others wait; a TinylmError there stops every rank with the same message."""
+    message = None
+    if ctx.main:
+        try:
+            work()
+        except TinylmError as exc:
+            message = str(exc)
+    if ctx.world > 1:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise TinylmError(message)
+
+
+def prepare_run_data(recipe: Recipe, run: Path, ctx: Context, progress: bool):
+    """tokenizer.json and data/ in the run directory: built on first use, reused after (rank 0 builds)."""
+    from .data import prepare_data, train_tokenizer
+    from .tokenizer import load_tokenizer
+
+    tokenizer_file = run / "tokenizer.json"
+
+    def build():
+        corpus = None
+        if tokenizer_file.is_file():
+            tokenizer = load_tokenizer(tokenizer_file)
+            if tokenizer.kind != recipe.tokenizer.kind:
+                raise TinylmError(f"{tokenizer_file} is a {tokenizer.kind} tokenizer but the recipe asks for "
+                                  f"{recipe.tokenizer.kind}; use another --out")
+        else:
+            tokenizer, corpus = train_tokenizer(recipe)  # bpe/chars learn from the training split only
+        if tokenizer.vocab_size > recipe.model.vocab_size:
+            raise TinylmError(f"{tokenizer_file}: {tokenizer.vocab_size} ids do not fit model.vocab_size "
+                              f"{recipe.model.vocab_size}")
+        prepare_data(recipe, tokenizer, run / "data", progress=progress, corpus=corpus)
+        if not tokenizer_file.is_file():  # saved once the shards exist: a failure leaves nothing half-made
+            tokenizer.save(tokenizer_file)
+
+    _rank0_first(ctx, build)
+    return load_tokenizer(tokenizer_file)
+
+
+def check_resumable(recipe: Recipe, run: Path) -> None:
+    """Resuming needs the same model, tokenizer and data; training settings may change (e.g. more steps)."""
+    if not (run / "recipe.toml").is_file():
+        raise TinylmError(f"{run}: nothing to resume (no run there); drop --resume to start one")
+    saved = ckpt.read_run_recipe(run)
+    for section in ("model", "tokenizer", "data"):
+        if getattr(saved, section) != getattr(recipe, section):
+            raise TinylmError(f"{run / 'recipe.toml'}: the run was trained with a different [{section}] section; "
+                              "resume with the same recipe")
+
+
+def write_run_json(run: Path, recipe: Recipe, ctx: Context, command: str | None, tokens_per_step: int,
+                   resumed_from: int | None) -> dict[str, Any]:
+    old = {}
+    if (run / "run.json").is_file():
+        import json
+
+        with contextlib.suppress(ValueError, OSError):
+            old = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    history = old.pop("history", []) + ([old] if old and resumed_from is not None else [])
+    info = {"command": command, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "recipe": recipe.name, "hardware": hardware_description(ctx.device), "torch": torch.__version__,
+            "world_size": ctx.world, "device": str(ctx.device), "dtype": ctx.dtype, "threads": ctx.threads,
+            "tokens_per_step": tokens_per_step, "resumed_from": resumed_from, "history": history}
+    atomic_write_json(run / "run.json", info)
+    return info
+
+
+def train(recipe: Recipe, run_dir: str | Path, resume: bool = False, command: str | None = None,
+          progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+    """Train `recipe` into `run_dir` (or continue its latest checkpoint); returns a summary of the run.
+
+    `stop_after` ends this session cleanly (evaluation, checkpoint) once that many steps are done, leaving the
+    schedule as it is: `--resume` later continues exactly where it stopped."""
+    ctx = setup_context(recipe.train)
+    try:
+        return Trainer(recipe, Path(run_dir), ctx, resume, command, progress).run(stop_after)
+    finally:
+        if ctx.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, run: Path, ctx: Context, resume: bool, command: str | None, progress: bool):
+        self.recipe, self.run_dir, self.ctx, self.progress = recipe, run, ctx, progress
+        self.clock = time.perf_counter()
+        t = recipe.train
+        self.checkpoints = run / "checkpoints"
+        resume_from = None
+        if resume:
+            check_resumable(recipe, run)
+            resume_from = ckpt.checkpoint_path(run, "latest")
+            manifest = verify_manifest(resume_from, ckpt.MANIFEST_FILE)
+            if (run / "tokenizer.json").is_file():  # a replaced tokenizer must not rebuild the shards and go on
+                from .tokenizer import load_tokenizer
+
+                ckpt.check_tokenizer_fits(load_tokenizer(run / "tokenizer.json"), recipe, manifest,
+                                          run / "tokenizer.json")
+        elif ckpt.step_checkpoints(self.checkpoints) or (self.checkpoints / "best").exists():
+            raise TinylmError(f"{run} already holds a trained run: pass --resume to continue it, or --out elsewhere")
+        if ctx.main:
+            run.mkdir(parents=True, exist_ok=True)
+        self.tokenizer = prepare_run_data(recipe, run, ctx, progress)
+        if ctx.main:  # written once the data fit the recipe: a refused start leaves the run's recipe as it was
+            atomic_write_text(run / "recipe.toml", recipe_to_toml(recipe))
+        from .data import BatchSampler, TokenShard
+
+        self.train_shard = TokenShard(run / "data" / "train.bin", self.tokenizer)
+        self.val_shard = TokenShard(run / "data" / "val.bin", self.tokenizer)
+        self.rows = t.batch_size * t.grad_accum  # this rank's rows of the global batch
+        self.sampler = BatchSampler(self.train_shard, self.rows * ctx.world, recipe.model.context_length, t.seed)
+        self.tokens_per_step = self.rows * ctx.world * recipe.model.context_length
+
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        self.model = build_model(recipe.model).to(ctx.device)
+        where = f"{ctx.threads} thread{'s' * (ctx.threads > 1)}" if ctx.device.type == "cpu" else "1 GPU"
+        self.say(f"{recipe.name}: {sum(p.numel() for p in self.model.parameters()):,} parameters on {ctx.device} "
+                 f"({ctx.dtype}, {where} per process, {ctx.world} process{'es' * (ctx.world > 1)})")
+        self.optimizer = build_optimizer(self.model, t, report=self.say)
+        self.step, self.best_val, self.elapsed_before = 0, math.inf, 0.0
+        if resume_from is not None:
+            self._restore(resume_from)
+        self.say(f"tokens per step: {self.tokens_per_step:,} = batch {t.batch_size} x context "
+                 f"{recipe.model.context_length} x accumulation {t.grad_accum} x processes {ctx.world}")
+        self.fingerprint = self.tokenizer.fingerprint()
+        self.metrics = MetricsFile(run / "metrics.jsonl")
+        if ctx.main:  # resumed: drop lines logged after the checkpoint; fresh: drop those of a crashed attempt
+            self.metrics.truncate_after(self.step if resume_from is not None else -1)
+            self.run_info = write_run_json(run, recipe, ctx, command, self.tokens_per_step,
+                                           self.step if resume_from is not None else None)
+        self.forward_model = torch.compile(self.model) if t.compile else self.model
+        if ctx.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward_model = DistributedDataParallel(
+                self.forward_model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+        self.flops_per_token = flops_per_token(recipe.model, training_parameters(self.model, recipe.model))
+        self.peak = peak_flops(ctx.device.type, torch.cuda.get_device_name(ctx.device)
+                               if ctx.device.type == "cuda" else "") * ctx.world
+        self.last_val: float | None = None
+        # Models that can compute the training loss without materialising the logits are asked to.
+        self.loss_only = {"return_logits": False} if "return_logits" in inspect.signature(
+            self.model.forward).parameters else {}
+
+    def say(self, text: str) -> None:
+        if self.ctx.main:
+            from tqdm.auto import tqdm
+
+            tqdm.write(text)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.clock
+
+    # ----------------------------------------------------------------------------------------------- checkpoints
+    def _restore(self, path: Path) -> None:
+        ckpt.load_weights(self.model, path / ckpt.WEIGHTS_FILE)
+        state = ckpt.load_state(path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.sampler.load_state_dict(state["sampler"])
+            self.step, self.best_val = int(state["step"]), float(state["best_val_loss"])
+            self.elapsed_before = float(state.get("elapsed_s", 0.0))
+            restore_rng(state["rng"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise TinylmError(f"{path / ckpt.STATE_FILE}: not a state this run can resume from ({exc})") from None
+        self.say(f"resuming from {path.name} (step {self.step})")
+
+    def save(self, as_best: bool, as_step: bool) -> Path | None:
+        if not self.ctx.main or not (as_best or as_step):
+            return None
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
+                 "rng": capture_rng(), "best_val_loss": self.best_val, "elapsed_s": self.elapsed(),
+                 "tokens": self.step * self.tokens_per_step, "world_size": self.ctx.world}
+        info = {"tokenizer_fingerprint": self.fingerprint, "val_loss": self.last_val,
+                "tokens": self.step * self.tokens_per_step}
+        if not as_step:  # a new best between regular checkpoints
+            return ckpt.save_checkpoint(self.checkpoints, self.step, self.model, state, info, name="best")
+        if as_best:  # best first: a crash before the step copy resumes from an older step and remakes this best
+            ckpt.save_checkpoint(self.checkpoints, self.step, self.model, state, info, name="best")
+            path = self.checkpoints / ckpt.step_dir_name(self.step)
+            ckpt.copy_checkpoint(self.checkpoints / "best", path)
+        else:
+            path = ckpt.save_checkpoint(self.checkpoints, self.step, self.model, state, info)
+        ckpt.prune_checkpoints(self.checkpoints, self.recipe.train.keep_last)
+        return path
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+    def estimate(self) -> bool:
+        """Train/val loss on eval_batches batches; returns whether the val loss is the best so far."""
+        from .data import BatchSampler, eval_batches
+
+        t, T = self.recipe.train, self.recipe.model.context_length
+        size = eval_batch_size(t.batch_size, T, self.recipe.model.vocab_size)
+        probe = BatchSampler(self.train_shard, size, T, seed=t.seed + 1)  # fixed probe batches, apart from training
+        args = dict(device=self.ctx.device, autocast=self.ctx.autocast, max_batches=t.eval_batches,
+                    rank=self.ctx.rank, world=self.ctx.world)
+        train_nats, train_count = loss_sums(self.model, probe, **args)
+        val_nats, val_count = loss_sums(self.model, eval_batches(self.val_shard, size, T), **args)
+        val_loss = val_nats / val_count
+        # bits per byte of the measured part, scaled by the split's bytes per predicted token
+        bpb = val_loss / math.log(2) * (self.val_shard.n_tokens - 1) / self.val_shard.n_bytes
+        self.last_val = val_loss
+        self.say(f"step {self.step}: train loss {train_nats / train_count:.4f}, val loss {val_loss:.4f}, "
+                 f"val bpb {bpb:.4f}")
+        if self.ctx.main:
+            self.metrics.append({"step": self.step, "tokens": self.step * self.tokens_per_step,
+                                 "time_s": round(self.elapsed(), 3), "train_loss": train_nats / train_count,
+                                 "val_loss": val_loss, "val_bpb": bpb})
+        improved = self.step > 0 and val_loss < self.best_val
+        if improved:
+            self.best_val = val_loss
+        return improved
+
+    # ------------------------------------------------------------------------------------------------- the loop
+    def train_step(self, stop_requested: bool) -> tuple[float, bool]:
+        """One optimizer update; returns (mean loss over the global batch, whether any rank asks to stop)."""
+        t, ctx = self.recipe.train, self.ctx
+        lr = learning_rate(self.step, t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(step_seed(t.seed, ctx.rank, self.step))
+        x_all, y_all = next(self.sampler)
+        rows = slice(ctx.rank * self.rows, (ctx.rank + 1) * self.rows)
+        micro_batches = zip(x_all[rows].chunk(t.grad_accum), y_all[rows].chunk(t.grad_accum))
+        loss = accumulate_gradients(self.forward_model, micro_batches, t.grad_accum, ctx, self.loss_only)
+        shared = torch.stack([loss, torch.tensor(float(stop_requested), device=ctx.device)])
+        if ctx.world > 1:
+            dist.all_reduce(shared)
+        loss_value, stop = float(shared[0]) / ctx.world, bool(shared[1] > 0)
+        if not math.isfinite(loss_value):
+            last = ckpt.step_checkpoints(self.checkpoints)
+            raise TinylmError(f"loss is {loss_value} at step {self.step + 1}: training stopped; the last good "
+                              f"checkpoint ({last[-1].name if last else 'none yet'}) is intact "
+                              "(try a lower train.lr or a longer train.warmup_steps)")
+        apply_update(self.model, self.optimizer, t.grad_clip)
+        self.step += 1
+        return loss_value, stop
+
+    def run(self, stop_after: int | None = None) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        t = self.recipe.train
+        if self.step >= t.max_steps:
+            self.say(f"already at step {self.step} of train.max_steps {t.max_steps}: nothing to do")
+            return self.finish("max_steps", None)
+        if self.step == 0:
+            self.estimate()
+        budget = t.max_minutes * 60.0
+        bar = tqdm(total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (self.progress and self.ctx.main))
+        reason, interval_start, interval_steps = None, time.perf_counter(), 0
+        with StopRequest() as stop_request, bar:
+            while reason is None:
+                over_budget = budget > 0 and time.perf_counter() - self.clock >= budget
+                loss, stop = self.train_step(stop_request.signal is not None or over_budget)
+                bar.update(1)
+                interval_steps += 1
+                if stop:
+                    reason = "interrupted" if stop_request.signal is not None else "max_minutes"
+                elif self.step >= t.max_steps:
+                    reason = "max_steps"
+                elif stop_after is not None and self.step >= stop_after:
+                    reason = "stop_after"
+                if self.step % t.log_interval == 0 or reason:
+                    interval_start = self.log(loss, interval_start, interval_steps)
+                    interval_steps = 0
+                improved, evaluated = False, False
+                if reason in ("max_steps", "max_minutes", "stop_after") or self.step % t.eval_interval == 0:
+                    improved, evaluated = self.estimate(), True
+                regular = reason is not None or self.step % t.checkpoint_interval == 0
+                saved = self.save(as_best=improved, as_step=regular)
+                if evaluated or saved is not None:
+                    interval_start = time.perf_counter()  # evaluation and saving are not training speed
+        return self.finish(reason, stop_request.signal)
+
+    def log(self, loss: float, interval_start: float, steps: int) -> float:
+        now = time.perf_counter()
+        seconds = (now - interval_start) / max(steps, 1)
+        tokens_per_s = self.tokens_per_step / seconds
+        mfu = tokens_per_s * self.flops_per_token / self.peak
+        lr = learning_rate(self.step - 1, self.recipe.train)
+        self.say(log_line(self.step, loss, lr, seconds * 1000, tokens_per_s, mfu))
+        if self.ctx.main:
+            self.metrics.append({"step": self.step, "tokens": self.step * self.tokens_per_step,
+                                 "time_s": round(self.elapsed(), 3), "lr": lr, "loss": loss,
+                                 "ms_per_step": seconds * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu})
+        return now
+
+    def finish(self, reason: str, signum: int | None) -> dict[str, Any]:
+        self.ctx.barrier()
+        latest = ckpt.step_checkpoints(self.checkpoints)
+        if self.ctx.main:
+            self.run_info.update({"final_step": self.step, "stopped": reason, "wall_time_s": round(self.elapsed(), 3),
+                                  "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                  "best_val_loss": self.best_val if math.isfinite(self.best_val) else None})
+            atomic_write_json(self.run_dir / "run.json", self.run_info)
+        if reason == "interrupted":
+            self.say(f"interrupted at step {self.step}: saved {latest[-1] if latest else 'nothing'}; "
+                     "continue with --resume")
+            raise KeyboardInterrupt
+        return {"rank": self.ctx.rank, "step": self.step, "stopped": reason, "val_loss": self.last_val,
+                "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
+                "checkpoint": str(latest[-1]) if latest else None, "tokens": self.step * self.tokens_per_step}

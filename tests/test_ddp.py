@@ -1,0 +1,63 @@
+"""Data-parallel training: two CPU processes under torchrun (gloo) equal one process with twice the accumulation."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tinylm.checkpoint import step_checkpoints
+from tinylm.recipe import load_recipe
+from tinylm.train import Context, prepare_run_data, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.max_stories=200", "train.max_steps=4", "train.log_interval=1", "train.eval_interval=2",
+        "train.checkpoint_interval=2", "train.eval_batches=2", "train.warmup_steps=1", "model.context_length=32",
+        "model.n_layers=2", "model.dropout=0.0"]
+
+
+def _final(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(step_checkpoints(run / "checkpoints")[-1] / "model.safetensors"))
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+def test_two_processes_equal_one_with_double_accumulation(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYLM_PEAK_FLOPS", "1e11")
+    base = tmp_path / "prepared"
+    prepare_run_data(load_recipe("llama2c-260k", TINY), base, Context(), progress=False)
+    runs = {}
+    for name in ("one", "two"):
+        runs[name] = tmp_path / name
+        runs[name].mkdir()
+        shutil.copy(base / "tokenizer.json", runs[name] / "tokenizer.json")
+        shutil.copytree(base / "data", runs[name] / "data")
+
+    overrides = TINY + ["train.batch_size=4", "train.grad_accum=1"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "tinylm.cli", "train", "llama2c-260k", "--out", str(runs["two"]), "--quiet"]
+    command += [w for o in overrides for w in ("--set", o)]
+    env = {**os.environ, "TINYLM_PEAK_FLOPS": "1e11", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tokens per step: 256 = batch 4 x context 32 x accumulation 1 x processes 2" in done.stdout
+
+    train(load_recipe("llama2c-260k", TINY + ["train.batch_size=4", "train.grad_accum=2"]), runs["one"],
+          progress=False)
+    one, two = _final(runs["one"]), _final(runs["two"])
+    assert one.keys() == two.keys()
+    for name in one:
+        # the same global batch in a different summation order: equal to float tolerance (see test_train.py)
+        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=2e-5)
+    assert _losses(runs["one"]) == pytest.approx(_losses(runs["two"]), rel=1e-5)
+    info = json.loads((runs["two"] / "run.json").read_text())
+    assert info["world_size"] == 2 and info["tokens_per_step"] == 256
