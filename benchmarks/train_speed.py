@@ -30,7 +30,7 @@ import time
 import torch
 
 from tinylm.models import build_model
-from tinylm.models.llama import onednn_matmul
+from tinylm.models.ops import onednn_matmul
 from tinylm.monitor import flops_per_token, training_parameters
 from tinylm.recipe import load_recipe
 from tinylm.runtime import build_optimizer, keep_freed_memory, training_step

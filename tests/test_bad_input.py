@@ -25,11 +25,6 @@ TINY = ["data.max_stories=200", "train.batch_size=4", "model.context_length=32",
 SETS = [w for o in TINY for w in ("--set", o)]
 
 
-@pytest.fixture(autouse=True)
-def _fixed_peak(monkeypatch):
-    monkeypatch.setenv("TINYLM_PEAK_FLOPS", "1e11")
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     run = tmp_path_factory.mktemp("trained") / "run"

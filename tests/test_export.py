@@ -22,13 +22,7 @@ from tinylm.models import build_model
 from tinylm.recipe import load_recipe, recipe_to_toml
 from tinylm.tokenizer import build_tokenizer
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small run as fast on one thread, and a second one stalls when the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHRINK = ["model.n_layers=2", "model.dim=64", "model.hidden_dim=96", "model.n_heads=4", "model.n_kv_heads=2",

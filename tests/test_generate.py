@@ -21,13 +21,7 @@ from tinylm.models import MixerState, build_model
 from tinylm.recipe import ModelConfig, load_recipe, recipe_to_toml
 from tinylm.tokenizer import build_tokenizer
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small run as fast on one thread, and a second one stalls when the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = dict(arch="llama", n_layers=2, dim=64, hidden_dim=96, n_heads=4, n_kv_heads=2, head_dim=16,
@@ -69,12 +63,13 @@ def test_cached_logits_equal_full_forward(name):
 
 
 @pytest.mark.parametrize("name", ["tied-gqa", "untied-mha", "pinv-bias", "ntk", "wide-heads"])
-def test_fast_path_equals_forward(name):
+@pytest.mark.parametrize("batch", [2, 9])  # 9 rows take the batched (oneDNN on a CPU) matmul
+def test_fast_path_equals_forward(name, batch):
     model = small_model(name)
-    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    ids = torch.randint(0, model.config.vocab_size, (batch, 40))
     with torch.no_grad():
         full, _ = model(ids)
-        cache = model.new_cache(2)
+        cache = model.new_cache(batch)
         model(ids[:, :5], cache=cache)
         fast = FastLlama(model)
         steps = torch.stack([fast.step(ids[:, t], cache) for t in range(5, 40)], 1)

@@ -31,11 +31,6 @@ LLAMA = TINY + ["model.n_layers=2"]
 RNG = random.Random(7)
 
 
-@pytest.fixture(autouse=True)
-def _fixed_peak(monkeypatch):
-    monkeypatch.setenv("TINYLM_PEAK_FLOPS", "1e11")
-
-
 @pytest.fixture(scope="module")
 def mixer_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("mixer") / "run"

@@ -12,10 +12,19 @@ import sys
 from .errors import TinylmError
 
 
-def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="a recipe name (see `tinylm recipes`) or a path to a .toml file")
+def add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a recipe field, e.g. --set train.lr=1e-3 (repeatable)")
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="a recipe name (see `tinylm recipes`) or a path to a .toml file")
+    add_overrides(parser)
+
+
+def overrides_words(overrides: list[str]) -> list[str]:
+    """The --set arguments as they can be typed again."""
+    return [w for o in overrides for w in ("--set", o)]
 
 
 def cmd_recipes(args) -> int:
@@ -122,28 +131,13 @@ def cmd_tokenizer_stats(args) -> int:
 def cmd_data_prepare(args) -> int:
     from pathlib import Path
 
-    from .data import prepare_data, train_tokenizer
+    from .pipeline import prepare_run
     from .recipe import load_recipe
-    from .tokenizer import load_tokenizer
 
     recipe = load_recipe(args.recipe, args.overrides)
     run = Path(args.out)
-    tokenizer_path, corpus = run / "tokenizer.json", None
-    if tokenizer_path.exists():
-        tokenizer = load_tokenizer(tokenizer_path)
-        if tokenizer.kind != recipe.tokenizer.kind:
-            raise TinylmError(f"{tokenizer_path} is a {tokenizer.kind} tokenizer but the recipe asks for "
-                              f"{recipe.tokenizer.kind}; use another --out")
-        print(f"tokenizer: {tokenizer_path} ({tokenizer.kind}, {tokenizer.vocab_size:,} ids)")
-    else:
-        tokenizer, corpus = train_tokenizer(recipe)
-    if tokenizer.vocab_size > recipe.model.vocab_size:
-        raise TinylmError(f"the tokenizer's {tokenizer.vocab_size} ids do not fit model.vocab_size "
-                          f"{recipe.model.vocab_size}")
-    meta = prepare_data(recipe, tokenizer, run / "data", progress=not args.quiet, corpus=corpus)
-    if not tokenizer_path.exists():  # saved only once the shards exist: a failure leaves nothing half-made
-        tokenizer.save(tokenizer_path)
-        print(f"tokenizer: built {tokenizer.kind}, {tokenizer.vocab_size:,} ids -> {tokenizer_path}")
+    tokenizer, meta = prepare_run(recipe, run, progress=not args.quiet)
+    print(f"tokenizer: {run / 'tokenizer.json'} ({tokenizer.kind}, {tokenizer.vocab_size:,} ids)")
     _write_run_recipe(run, recipe)
     for split in ("train", "val"):
         m = meta[split]
@@ -169,7 +163,7 @@ def cmd_train(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     run = Path(args.out or Path("runs") / recipe.name)
     # The command as it can be typed again (rebuilt from the parsed arguments, whoever called main()).
-    words = ["tinylm", "train", args.recipe, *[w for o in args.overrides for w in ("--set", o)], "--out", str(run)]
+    words = ["tinylm", "train", args.recipe, *overrides_words(args.overrides), "--out", str(run)]
     words += (["--resume"] if args.resume else []) + (["--stop-after", str(args.stop_after)] if args.stop_after else [])
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
         words = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')}", "-m", "tinylm.cli",
@@ -291,7 +285,7 @@ def cmd_demo(args) -> int:
 
         shutil.rmtree(run)
     words = ["tinylm", "demo", "--out", str(run)] + (["--recipe", args.recipe] if args.recipe != DEMO_RECIPE else [])
-    words += [w for o in args.overrides for w in ("--set", o)]
+    words += overrides_words(args.overrides)
     run_demo(recipe, run, command=shlex.join(words), progress=not args.quiet)
     return 0
 
@@ -317,8 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_tokenizer_train)
     q = tokenizer_commands.add_parser("stats", help="bytes per token and tokens per story on the validation split")
     q.add_argument("target", metavar="RUN_OR_RECIPE", help="a run directory with tokenizer.json, or a recipe")
-    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a recipe field (repeatable)")
+    add_overrides(q)
     q.set_defaults(func=cmd_tokenizer_stats)
 
     p = commands.add_parser("data", help="prepare token shards")
@@ -390,8 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="the whole pipeline on the TinyStories sample, in minutes on a CPU")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory (default runs/demo)")
     p.add_argument("--recipe", default="tinystories-demo", help="the recipe to train (default tinystories-demo)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a recipe field (repeatable)")
+    add_overrides(p)
     p.add_argument("--force", action="store_true", help="replace an existing run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)

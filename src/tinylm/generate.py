@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .errors import TinylmError
 from .models import Llama
+from .models.ops import onednn_matmul
 from .recipe import SampleConfig, validate_sampling
 
 StreamFn = Callable[[int, int], None]  # (row, token id), as each new token arrives
@@ -140,6 +141,9 @@ class FastLlama:
         # Half-split RoPE on (heads, 2, head_dim/2) views: out = x * cos + swap_halves(x) * (-sin, +sin).
         self.cos = angles.cos().to(dtype)[:, None, None, :].contiguous()
         self.sin = torch.stack([-angles.sin(), angles.sin()], dim=1).to(dtype)[:, None].contiguous()
+        # On a CPU in fp32, oneDNN's matmul is the faster kernel (models/ops.py); elsewhere F.linear.
+        fast_matmul = onednn_matmul() if self.embedding.device.type == "cpu" and dtype == torch.float32 else None
+        self.batched_linear = fast_matmul or F.linear
 
     def step(self, ids: torch.Tensor, cache) -> torch.Tensor:
         """Feed one id per row at position cache.pos; returns (batch, vocab) logits for the next position."""
@@ -149,8 +153,9 @@ class FastLlama:
         cos, sin = self.cos[pos], self.sin[pos]
         keys, values = cache.keys, cache.values
         x = F.embedding(ids, self.embedding)
+        linear = self.batched_linear if batch >= 8 else F.linear  # oneDNN's call overhead outweighs it for few rows
         for index, (wqkv, wo, w13, b13, w2) in enumerate(self.layers):
-            qkv = F.linear(F.rms_norm(x, (self.dim,), eps=self.eps), wqkv)
+            qkv = linear(F.rms_norm(x, (self.dim,), eps=self.eps), wqkv)
             qk = qkv[:, :n_qk].view(batch, heads + kv, 2, hd // 2)
             qk = torch.addcmul(qk * cos, qk.flip(2), sin)
             keys[index, :, :, pos] = qk[:, heads:].reshape(batch, kv, hd)
@@ -159,12 +164,12 @@ class FastLlama:
             q = qk[:, :heads].reshape(batch, kv, heads // kv, hd)
             weights = torch.matmul(q, keys[index, :, :, :pos + 1].transpose(-1, -2)).softmax(dim=-1)
             out = torch.matmul(weights, values[index, :, :, :pos + 1]).view(batch, heads * hd)
-            x = torch.addmm(x, out, wo.t())
+            x = x + linear(out, wo)
             h = F.rms_norm(x, (self.dim,), eps=self.eps)
-            gate_up = F.linear(h, w13) if b13 is None else torch.addmm(b13, h, w13.t())
-            x = torch.addmm(x, F.silu(gate_up[:, :self.hidden]) * gate_up[:, self.hidden:], w2.t())
+            gate_up = linear(h, w13) if b13 is None else linear(h, w13) + b13
+            x = x + linear(F.silu(gate_up[:, :self.hidden]) * gate_up[:, self.hidden:], w2)
         cache.advance(1)
-        return F.linear(F.rms_norm(x, (self.dim,), eps=self.eps), self.unembedding)
+        return linear(F.rms_norm(x, (self.dim,), eps=self.eps), self.unembedding)
 
 
 def _keep_rows(cache, keep: torch.Tensor) -> None:

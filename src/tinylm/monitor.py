@@ -55,7 +55,7 @@ def matmul_rate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.f
     b = torch.randn(size, size, device=device, dtype=dtype)
     product = torch.mm
     if kernel == "onednn":
-        from .models.llama import onednn_matmul
+        from .models.ops import onednn_matmul
 
         product = onednn_matmul()
         if product is None:

@@ -5,7 +5,6 @@ benchmarks/train_speed.py times the same functions."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import signal
 import threading
@@ -87,7 +86,7 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, report=print) ->
         return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), foreach=True)
 
 
-def accumulate_gradients(model, micro_batches, count: int, ctx: Context, loss_kwargs: dict) -> torch.Tensor:
+def accumulate_gradients(model, micro_batches, count: int, ctx: Context) -> torch.Tensor:
     """Forward and backward over `count` micro-batches, gradients summed as the mean over all of them; returns the
     mean loss (a detached scalar on the device)."""
     loss_sum = torch.zeros((), device=ctx.device)
@@ -97,7 +96,7 @@ def accumulate_gradients(model, micro_batches, count: int, ctx: Context, loss_kw
         if ctx.world > 1:  # gradients are averaged across ranks once, after the last micro-batch
             model.require_backward_grad_sync = k == count - 1
         with ctx.autocast():
-            _, loss = model(x, y, **loss_kwargs)
+            _, loss = model(x, y, return_logits=False)  # the loss without holding the logits
         (loss / count).backward()
         loss_sum += loss.detach().float()
     return loss_sum / count
@@ -113,8 +112,7 @@ def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_
 def training_step(model, optimizer, micro_batches: list, grad_clip: float, ctx: Context | None = None) -> float:
     """One whole update on one process, as the trainer does it (for benchmarks); returns the mean loss."""
     ctx = ctx or Context()
-    kwargs = {"return_logits": False} if "return_logits" in inspect.signature(model.forward).parameters else {}
-    loss = accumulate_gradients(model, micro_batches, len(micro_batches), ctx, kwargs)
+    loss = accumulate_gradients(model, micro_batches, len(micro_batches), ctx)
     apply_update(model, optimizer, grad_clip)
     return float(loss)
 

@@ -9,7 +9,6 @@ Dropout is reseeded from (seed, rank, step) at every step: a resumed run draws t
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import time
 from datetime import datetime, timezone
@@ -50,29 +49,11 @@ def _rank0_first(ctx: Context, work):
 
 def prepare_run_data(recipe: Recipe, run: Path, ctx: Context, progress: bool):
     """tokenizer.json and data/ in the run directory: built on first use, reused after (rank 0 builds)."""
-    from .data import prepare_data, train_tokenizer
+    from .pipeline import prepare_run
     from .tokenizer import load_tokenizer
 
-    tokenizer_file = run / "tokenizer.json"
-
-    def build():
-        corpus = None
-        if tokenizer_file.is_file():
-            tokenizer = load_tokenizer(tokenizer_file)
-            if tokenizer.kind != recipe.tokenizer.kind:
-                raise TinylmError(f"{tokenizer_file} is a {tokenizer.kind} tokenizer but the recipe asks for "
-                                  f"{recipe.tokenizer.kind}; use another --out")
-        else:
-            tokenizer, corpus = train_tokenizer(recipe)  # bpe/chars learn from the training split only
-        if tokenizer.vocab_size > recipe.model.vocab_size:
-            raise TinylmError(f"{tokenizer_file}: {tokenizer.vocab_size} ids do not fit model.vocab_size "
-                              f"{recipe.model.vocab_size}")
-        prepare_data(recipe, tokenizer, run / "data", progress=progress, corpus=corpus)
-        if not tokenizer_file.is_file():  # saved once the shards exist: a failure leaves nothing half-made
-            tokenizer.save(tokenizer_file)
-
-    _rank0_first(ctx, build)
-    return load_tokenizer(tokenizer_file)
+    _rank0_first(ctx, lambda: prepare_run(recipe, run, progress))
+    return load_tokenizer(run / "tokenizer.json")
 
 
 def check_resumable(recipe: Recipe, run: Path) -> None:
@@ -175,9 +156,6 @@ class Trainer:
         self.peak = peak_flops(ctx.device.type, torch.cuda.get_device_name(ctx.device)
                                if ctx.device.type == "cuda" else "") * ctx.world
         self.last_val: float | None = None
-        # Models that can compute the training loss without materialising the logits are asked to.
-        self.loss_only = {"return_logits": False} if "return_logits" in inspect.signature(
-            self.model.forward).parameters else {}
 
     def say(self, text: str) -> None:
         if self.ctx.main:
@@ -259,7 +237,7 @@ class Trainer:
         x_all, y_all = next(self.sampler)
         rows = slice(ctx.rank * self.rows, (ctx.rank + 1) * self.rows)
         micro_batches = zip(x_all[rows].chunk(t.grad_accum), y_all[rows].chunk(t.grad_accum))
-        loss = accumulate_gradients(self.forward_model, micro_batches, t.grad_accum, ctx, self.loss_only)
+        loss = accumulate_gradients(self.forward_model, micro_batches, t.grad_accum, ctx)
         shared = torch.stack([loss, torch.tensor(float(stop_requested), device=ctx.device)])
         if ctx.world > 1:
             dist.all_reduce(shared)

@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from ..recipe import ModelConfig
 from .cache import KVCache, MixerState
-from .llama import IGNORE_INDEX, Llama
+from .llama import Llama
+from .ops import IGNORE_INDEX
 from .mixer import MicroMixer
 
 __all__ = ["build_model", "count_parameters", "ParameterCount", "KVCache", "MixerState", "IGNORE_INDEX",

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..recipe import ModelConfig
 from .cache import MixerState
-from .llama import IGNORE_INDEX
+from .ops import IGNORE_INDEX, linear_cross_entropy
 
 
 def embedding_rotation(x: torch.Tensor, start: int, mode: str) -> torch.Tensor:
@@ -102,7 +102,9 @@ class MicroMixer(nn.Module):
         weight = self.tok_embeddings.weight
         return MixerState(self.config.n_layers, batch_size, self.config.dim, device or weight.device)
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, cache: MixerState | None = None):
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, cache: MixerState | None = None,
+                return_logits: bool = True):
+        """(logits, loss); with targets and return_logits=False, (None, loss) without holding the logits."""
         start = cache.pos if cache is not None else 0
         x = embedding_rotation(self.tok_embeddings(ids), start, self.config.embedding_rotary)
         x = self.dropout(x)
@@ -110,7 +112,12 @@ class MicroMixer(nn.Module):
             x = layer(x, cache, index)
         if cache is not None:
             cache.advance(ids.shape[1])
-        logits = F.linear(self.norm(x), self.tok_embeddings.weight)
+        h = self.norm(x)
+        # The layers stay on F.linear: with ops.project (oneDNN) on these widths, a resumed run was not bitwise equal
+        # to an uninterrupted one across processes; the blocked loss keeps that guarantee (tests/test_crash.py).
+        if targets is not None and not return_logits:
+            return None, linear_cross_entropy(h.flatten(0, 1), self.tok_embeddings.weight, targets.flatten())
+        logits = F.linear(h, self.tok_embeddings.weight)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
