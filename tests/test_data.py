@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from tinylm.cli import main
-from tinylm.data import (BatchSampler, TokenShard, eval_batches, frame_prefix, load_corpus, prepare_data,
-                         read_stories, resolve_data_files, split_stories)
+from tinylm.corpus import load_corpus, read_stories, resolve_data_files, split_stories
+from tinylm.data import BatchSampler, TokenShard, eval_batches, frame_prefix, prepare_data
 from tinylm.errors import TinylmError
 from tinylm.files import verify_manifest
 from tinylm.models import IGNORE_INDEX

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tinylm.data import read_stories
+from tinylm.corpus import read_stories
 from tinylm.errors import TinylmError
 from tinylm.recipe import TokenizerConfig, load_recipe
 from tinylm.tokenizer import build_tokenizer, load_tokenizer, tokenizer_stats

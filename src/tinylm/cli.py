@@ -77,7 +77,7 @@ def cmd_tokenizer_train(args) -> int:
     import time
     from pathlib import Path
 
-    from .data import train_tokenizer
+    from .corpus import train_tokenizer
     from .recipe import load_recipe
     from .tokenizer import load_tokenizer
 
@@ -100,7 +100,7 @@ def cmd_tokenizer_train(args) -> int:
 def cmd_tokenizer_stats(args) -> int:
     from pathlib import Path
 
-    from .data import load_corpus, split_stories, train_tokenizer
+    from .corpus import load_corpus, split_stories, train_tokenizer
     from .recipe import load_recipe
     from .tokenizer import load_tokenizer, tokenizer_stats
 

@@ -52,10 +52,11 @@ def plot_comparison(runs: list[RunInfo], path: Path) -> None:
         by_tokens.plot([p["tokens"] for p in points], bpb, "o-", label=r.name, markersize=3)
         by_time.plot([p["time_s"] / 60 for p in points], bpb, "o-", label=r.name, markersize=3)
     by_tokens.set_xlabel("tokens seen")
-    by_tokens.set_ylabel("validation bits per byte")
+    by_tokens.set_ylabel("validation bits per byte (log scale)")
     by_time.set_xlabel("wall-clock minutes")
     for ax in (by_tokens, by_time):
-        ax.grid(alpha=0.3)
+        ax.set_yscale("log")  # step-0 losses (a pinv head starts near 20 bits per byte) would flatten the rest
+        ax.grid(alpha=0.3, which="both")
     by_tokens.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -12,7 +12,8 @@ def prepare_run(recipe: Recipe, run: str | Path, progress: bool = True):
     """Load or train the run's tokenizer, then write (or reuse) its token shards; returns (tokenizer, data meta).
 
     The tokenizer is saved only once the shards exist, so a failure leaves nothing half-made."""
-    from .data import prepare_data, train_tokenizer
+    from .corpus import train_tokenizer
+    from .data import prepare_data
     from .tokenizer import load_tokenizer
 
     run = Path(run)
