@@ -205,19 +205,14 @@ def _export_tokenizer(tokenizer, prefix: list[int], out: Path, max_positions: in
 
 
 def _load_tokenizer_file(path: Path):
-    from .tokenizer import Tokenizer
+    from .tokenizer import Tokenizer, read_tokenizer_definition
 
     if not path.is_file():
         raise TinylmError(f"{path}: not found (tinylm needs a tokenizer.json beside the weights)")
-    try:
-        definition = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TinylmError(f"cannot read tokenizer {path}: {exc}") from None
-    meta = definition.get("model", {}).get("tinylm") if isinstance(definition.get("model"), dict) else None
+    definition = read_tokenizer_definition(path)
+    meta = definition["model"].get("tinylm")
     if isinstance(meta, dict) and meta.pop(TEMPLATE_FLAG, False):
         definition["post_processor"] = None  # back to the run's own tokenizer (same fingerprint as its shards)
-    if not isinstance(definition.get("model"), dict):
-        raise TinylmError(f"{path}: not a tokenizer.json (no model)")
     return Tokenizer(definition)
 
 

@@ -145,8 +145,8 @@ class Tokenizer:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, specials={self.special_ids})"
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Read a tokenizer.json (or the one inside a run directory)."""
+def read_tokenizer_definition(path: str | Path) -> dict:
+    """The JSON of a tokenizer.json (or of the one inside a run directory), checked to be one."""
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
@@ -158,7 +158,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise TinylmError(f"cannot read tokenizer {path}: {exc}") from None
     if not isinstance(definition, dict) or not isinstance(definition.get("model"), dict):
         raise TinylmError(f"{path}: not a tokenizer.json (no model)")
-    return Tokenizer(definition)
+    return definition
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Read a tokenizer.json (or the one inside a run directory)."""
+    return Tokenizer(read_tokenizer_definition(path))
 
 
 def build_tokenizer(config: TokenizerConfig, texts: Iterable[str] | None = None) -> Tokenizer:
