@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tinylm.recipe import load_recipe
+
 # (run name, recipe, overrides): the recipes scaled to a CPU budget (batch 16; their own context lengths).
 RUNS = [
     ("aurelius-4m", "aurelius-4m", []),
@@ -61,8 +63,6 @@ def main() -> None:
     for name, recipe, overrides in RUNS:
         if args.only and name not in args.only:
             continue
-        from tinylm.recipe import load_recipe
-
         resolved = load_recipe(recipe, overrides)
         tokens_per_step = resolved.train.batch_size * resolved.train.grad_accum * resolved.model.context_length
         speed = probe_tokens_per_second(recipe, overrides, out)

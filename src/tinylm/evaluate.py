@@ -112,11 +112,6 @@ def evaluate_path(path: str | Path, which: str = "best", data_dir: str | Path | 
     return result
 
 
-def evaluate_run(run_dir: str | Path, which: str = "best", device: str = "cpu") -> dict[str, Any]:
-    """A run's checkpoint `which` on its whole validation split; recorded in RUN/eval.json."""
-    return evaluate_path(run_dir, which=which, device=device)
-
-
 def format_result(result: dict[str, Any]) -> str:
     return (f"val loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
             f"bits per byte {result['bits_per_byte']:.4f} | {result['tokens']:,} tokens, {result['bytes']:,} bytes")
