@@ -17,7 +17,7 @@ from tinylm.data import BatchSampler, TokenShard, eval_batches, frame_prefix, pr
 from tinylm.errors import TinylmError
 from tinylm.files import verify_manifest
 from tinylm.models import IGNORE_INDEX
-from tinylm.recipe import DataConfig, TokenizerConfig, load_recipe, recipe_from_dict
+from tinylm.recipe import DataConfig, TokenizerConfig, recipe_from_dict
 from tinylm.tokenizer import build_tokenizer
 
 SHARED = Path("../shared/data/tinystories")
