@@ -180,7 +180,7 @@ def recipe_from_dict(raw: dict[str, Any], origin: str = "recipe") -> Recipe:
                 raise TinylmError(f"{origin}: {key} must be a string")
             setattr(recipe, key, value)
         else:
-            raise TinylmError(f"{origin}: unknown key '{key}' (sections: {', '.join(SECTIONS)})")
+            raise TinylmError(f"{origin}: unknown key {_shown(key, quoted=True)} (sections: {', '.join(SECTIONS)})")
     validate(recipe)
     return recipe
 
@@ -192,12 +192,20 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     dotted, text = item.split("=", 1)
     section, key = dotted.strip().split(".", 1)
     if section not in SECTIONS:
-        raise TinylmError(f"--set {dotted}: unknown section '{section}' (sections: {', '.join(SECTIONS)})")
+        raise TinylmError(f"--set {_shown(dotted)}: unknown section {_shown(section, quoted=True)} "
+                          f"(sections: {', '.join(SECTIONS)})")
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text
     raw.setdefault(section, {})[key.strip()] = value
+
+
+def _shown(text: str, quoted: bool = False) -> str:
+    """A name from the user's input as it can stand in a one-line message (newlines and the like escaped)."""
+    if not text.isprintable():
+        return repr(text)
+    return f"'{text}'" if quoted else text
 
 
 def _fill(cls, values: dict[str, Any], where: str):
@@ -206,7 +214,7 @@ def _fill(cls, values: dict[str, Any], where: str):
     kwargs = {}
     for key, value in values.items():
         if key not in known:
-            raise TinylmError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+            raise TinylmError(f"{where}.{_shown(key)}: unknown key (known: {', '.join(sorted(known))})")
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
     return cls(**kwargs)
 
