@@ -119,31 +119,40 @@ class FastLlama:
 
     What stays constant is folded into the matrices: each RMSNorm gain into the matrix after it, 1/sqrt(head_dim) into
     wq (RoPE is linear, so the scale commutes), q/k/v into one matrix and w1/w3 into another; a pinv head is
-    computed once. RoPE angles are tabulated for every position. Logits equal model.forward's within ~1e-6."""
+    computed once. Matrices are stored transposed, (in, out), which is the faster layout for a one-row product.
+    RMSNorm becomes a division after the product, RMSNorm(x) @ W = (x @ sqrt(dim) W) / sqrt(|x|^2 + dim eps), which
+    costs half of rms_norm on a one-row step. RoPE angles are tabulated for every position. Logits equal
+    model.forward's within ~1e-6."""
 
     def __init__(self, model: Llama):
         c = model.config
         self.n_heads, self.n_kv, self.head_dim = c.n_heads, c.resolved_kv_heads(), c.resolved_head_dim()
-        self.hidden, self.eps, self.dim = c.resolved_hidden_dim(), c.norm_eps, c.dim
-        scale = 1.0 / math.sqrt(self.head_dim)
+        self.hidden = c.resolved_hidden_dim()
+        scale, root_dim = 1.0 / math.sqrt(self.head_dim), math.sqrt(c.dim)
+
+        def stored(matrix: torch.Tensor) -> torch.Tensor:
+            return matrix.t().contiguous()
+
         self.layers = []
         for layer in model.layers:
             att, ffn = layer.attention, layer.feed_forward
             wqkv = torch.cat([att.wq.weight * scale, att.wk.weight, att.wv.weight]) * layer.attention_norm.weight
             w13 = torch.cat([ffn.w1.weight, ffn.w3.weight]) * layer.ffn_norm.weight
             b13 = None if ffn.w1.bias is None else torch.cat([ffn.w1.bias, torch.zeros_like(ffn.w1.bias)])
-            self.layers.append((wqkv.contiguous(), att.wo.weight, w13.contiguous(), b13, ffn.w2.weight))
+            self.layers.append((stored(wqkv * root_dim), stored(att.wo.weight), stored(w13 * root_dim), b13,
+                                stored(ffn.w2.weight)))
         self.embedding = model.tok_embeddings.weight
-        self.unembedding = (model.unembedding_matrix() * model.norm.weight).to(self.embedding.dtype).contiguous()
+        dtype = self.embedding.dtype
+        self.unembedding = stored((model.unembedding_matrix() * model.norm.weight * root_dim).to(dtype))
+        self.norm_floor = torch.tensor(math.sqrt(c.dim * c.norm_eps), dtype=dtype, device=self.embedding.device)
         positions = torch.arange(model.max_positions, device=model.inv_freq.device, dtype=torch.float32)
         angles = torch.outer(positions, model.inv_freq)
-        dtype = self.embedding.dtype
         # Half-split RoPE on (heads, 2, head_dim/2) views: out = x * cos + swap_halves(x) * (-sin, +sin).
         self.cos = angles.cos().to(dtype)[:, None, None, :].contiguous()
         self.sin = torch.stack([-angles.sin(), angles.sin()], dim=1).to(dtype)[:, None].contiguous()
-        # On a CPU in fp32, oneDNN's matmul is the faster kernel (models/ops.py); elsewhere F.linear.
-        fast_matmul = onednn_matmul() if self.embedding.device.type == "cpu" and dtype == torch.float32 else None
-        self.batched_linear = fast_matmul or F.linear
+        # On a CPU in fp32, oneDNN's matmul is the faster kernel for many rows (models/ops.py); for a few rows,
+        # and on other devices, torch.mm.
+        self.onednn = onednn_matmul() if self.embedding.device.type == "cpu" and dtype == torch.float32 else None
 
     def step(self, ids: torch.Tensor, cache) -> torch.Tensor:
         """Feed one id per row at position cache.pos; returns (batch, vocab) logits for the next position."""
@@ -151,25 +160,36 @@ class FastLlama:
         heads, kv, hd = self.n_heads, self.n_kv, self.head_dim
         n_qk = (heads + kv) * hd
         cos, sin = self.cos[pos], self.sin[pos]
-        keys, values = cache.keys, cache.values
+        keys, values = cache.keys.unbind(0), cache.values.unbind(0)  # per-layer views in one op each
+        onednn = self.onednn if batch >= 8 else None  # its call overhead outweighs it for few rows
+
+        def project(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+            return torch.mm(x, matrix) if onednn is None else onednn(x, matrix.t())
+
+        def add_projected(residual: torch.Tensor, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+            return torch.addmm(residual, x, matrix) if onednn is None else residual + onednn(x, matrix.t())
+
+        def norm_divisor(x: torch.Tensor) -> torch.Tensor:
+            return torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.norm_floor)
+
         x = F.embedding(ids, self.embedding)
-        linear = self.batched_linear if batch >= 8 else F.linear  # oneDNN's call overhead outweighs it for few rows
         for index, (wqkv, wo, w13, b13, w2) in enumerate(self.layers):
-            qkv = linear(F.rms_norm(x, (self.dim,), eps=self.eps), wqkv)
+            qkv = project(x, wqkv) / norm_divisor(x)
             qk = qkv[:, :n_qk].view(batch, heads + kv, 2, hd // 2)
             qk = torch.addcmul(qk * cos, qk.flip(2), sin)
-            keys[index, :, :, pos] = qk[:, heads:].reshape(batch, kv, hd)
-            values[index, :, :, pos] = qkv[:, n_qk:].view(batch, kv, hd)
+            keys[index][:, :, pos] = qk[:, heads:].reshape(batch, kv, hd)
+            values[index][:, :, pos] = qkv[:, n_qk:].view(batch, kv, hd)
             # Grouped-query attention without repeating k/v: query heads of one kv head form a (group, hd) block.
             q = qk[:, :heads].reshape(batch, kv, heads // kv, hd)
-            weights = torch.matmul(q, keys[index, :, :, :pos + 1].transpose(-1, -2)).softmax(dim=-1)
-            out = torch.matmul(weights, values[index, :, :, :pos + 1]).view(batch, heads * hd)
-            x = x + linear(out, wo)
-            h = F.rms_norm(x, (self.dim,), eps=self.eps)
-            gate_up = linear(h, w13) if b13 is None else linear(h, w13) + b13
-            x = x + linear(F.silu(gate_up[:, :self.hidden]) * gate_up[:, self.hidden:], w2)
+            weights = torch.matmul(q, keys[index][:, :, :pos + 1].transpose(-1, -2)).softmax(dim=-1)
+            out = torch.matmul(weights, values[index][:, :, :pos + 1]).view(batch, heads * hd)
+            x = add_projected(x, out, wo)
+            gate_up = project(x, w13) / norm_divisor(x)
+            if b13 is not None:
+                gate_up = gate_up + b13
+            x = add_projected(x, F.silu(gate_up[:, :self.hidden]) * gate_up[:, self.hidden:], w2)
         cache.advance(1)
-        return linear(F.rms_norm(x, (self.dim,), eps=self.eps), self.unembedding)
+        return project(x, self.unembedding) / norm_divisor(x)
 
 
 def _keep_rows(cache, keep: torch.Tensor) -> None:
