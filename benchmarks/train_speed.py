@@ -1,20 +1,21 @@
 """Training speed: tinylm's training step against transformers' LlamaForCausalLM, and against the machine's matmul rate.
 
-    python benchmarks/train_speed.py [--rounds 10] [--steps 1] [--threads N]
+    python benchmarks/train_speed.py [--rounds 10] [--steps 1] [--threads N] [--default-malloc]
 
-Measured in one process, interleaved (round r times every contender in turn), so that other load on the machine
-touches all of them alike; each figure is the best round (the least disturbed), the median is printed beside it.
+Measured interleaved (round r times every contender in turn), so that other load on the machine touches all of them
+alike; each figure is the best round (the least disturbed), the median is printed beside it.
 - aurelius-4m: batch 16 x 256 tokens; micromixer-1m: its recipe's batch x 256. Our step is the trainer's own
-  (tinylm.runtime.training_step: forward without logits, backward, clip, AdamW with llama2.c's groups).
+  (tinylm.runtime.training_step: forward without logits, backward, clip, AdamW with llama2.c's groups), in a process
+  set up as the trainer sets it up on a CPU (all cores, freed memory kept for reuse: runtime.keep_freed_memory).
 - transformers: LlamaForCausalLM with aurelius-4m's configuration (SDPA attention, tied embeddings), the same batch,
-  a plain loop: loss = model(input_ids=x, labels=x).loss; backward; AdamW (torch defaults) step; zero_grad.
+  a plain loop: loss = model(input_ids=x, labels=x).loss; backward; AdamW (torch defaults) step; zero_grad. It runs
+  twice: as a plain script runs it, in a fresh child process with glibc's allocator defaults (the headline ratio),
+  and in our process with our allocator setting (the ratio of the step code alone).
 - FLOPs per token = 6 N + 12 L (n_heads head_dim) T  (N: parameters that multiply, T: context; tinylm.monitor),
   for transformers the same formula with the same N; GFLOP/s = FLOPs per token x tokens per second.
 - matmul peak: the best fp32 rate of a 2048 x 2048 product on the same threads, timed in the same rounds, with
   torch.mm (MKL) and with oneDNN's kernel (which tinylm trains with on a CPU); the peak is the faster of the two.
-Both contenders run with the process settings tinylm's trainer uses on a CPU (all cores, freed memory kept for
-reuse: tinylm.runtime.keep_freed_memory), so the ratio compares the model and step code alone; --default-malloc
-runs both with glibc's defaults instead (what a plain script gets).
+--default-malloc runs everything in one process with glibc's defaults (tinylm's step as a plain script would get it).
 The last line is one JSON object.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -77,6 +79,33 @@ def transformers_llama(name: str, batch_size: int):
     return step, batch_size * m.context_length
 
 
+def _plain_transformers_worker(connection, threads: int) -> None:
+    """Child process: transformers' step at glibc's defaults, one step per request."""
+    torch.set_num_threads(threads)
+    step, _ = transformers_llama("aurelius-4m", batch_size=16)
+    while connection.recv():
+        step()
+        connection.send(True)
+
+
+def plain_transformers(threads: int):
+    """transformers' step in a fresh process (spawned, so no setting of ours reaches it); returns (step, stop)."""
+    context = multiprocessing.get_context("spawn")
+    ours_end, child_end = context.Pipe()
+    child = context.Process(target=_plain_transformers_worker, args=(child_end, threads), daemon=True)
+    child.start()
+
+    def step():
+        ours_end.send(True)
+        ours_end.recv()
+
+    def stop():
+        ours_end.send(False)
+        child.join()
+
+    return step, stop
+
+
 def measure(contenders: dict, rounds: int, steps: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for step in contenders.values():  # warm-up: first-touch allocations, lazy initialisation
@@ -106,42 +135,53 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="steps per round and contender")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's allocator settings as they are (for both contenders)")
+                        help="run every contender in this process with glibc's allocator defaults")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    contenders, stop = {}, None
     if not args.default_malloc:
         keep_freed_memory()
+        contenders["transformers"], stop = plain_transformers(args.threads)
 
     aurelius, tokens, flops = ours("aurelius-4m", batch_size=16)
     mixer, mixer_tokens, mixer_flops = ours("micromixer-1m")
-    reference, _ = transformers_llama("aurelius-4m", batch_size=16)
-    contenders = {"aurelius-4m": aurelius, "transformers": reference, "micromixer-1m": mixer}
+    same_process = "transformers" if args.default_malloc else "transformers-same-malloc"
+    contenders.update({"aurelius-4m": aurelius, same_process: transformers_llama("aurelius-4m", batch_size=16)[0],
+                       "micromixer-1m": mixer})
     kernels = ["torch"] + (["onednn"] if onednn_matmul() is not None else [])
     for kernel in kernels:
         contenders[f"matmul-{kernel}"], matmul_flops = matmul_contender(kernel)
     times = measure(contenders, args.rounds, args.steps)
+    if stop is not None:
+        stop()
     per_step = {name: min(t) for name, t in times.items()}
     rates = {kernel: matmul_flops / per_step.pop(f"matmul-{kernel}") for kernel in kernels}
     peak = max(rates.values())
-    token_counts = {"aurelius-4m": tokens, "transformers": tokens, "micromixer-1m": mixer_tokens}
-    flop_counts = {"aurelius-4m": flops, "transformers": flops, "micromixer-1m": mixer_flops}
+    token_counts = {name: mixer_tokens if name == "micromixer-1m" else tokens for name in per_step}
+    flop_counts = {name: mixer_flops if name == "micromixer-1m" else flops for name in per_step}
 
     print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} rounds, "
-          f"{'default malloc' if args.default_malloc else 'freed memory kept'}; fp32 2048^2 matmul, best round: "
+          f"{'all at glibc defaults' if args.default_malloc else 'transformers plain in a child process'}; "
+          "fp32 2048^2 matmul, best round: "
           + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in rates.items()) + f"; peak = {peak / 1e9:.1f}")
-    print(f"{'contender':<16} {'tokens/step':>11} {'best ms':>9} {'median ms':>10} {'tokens/s':>10} "
+    print(f"{'contender':<24} {'tokens/step':>11} {'best ms':>9} {'median ms':>10} {'tokens/s':>10} "
           f"{'GFLOP/s':>8} {'of peak':>8}")
     tokens_per_s = {}
     for name, best in per_step.items():
         tokens_per_s[name] = token_counts[name] / best
         rate = flop_counts[name] * tokens_per_s[name]
-        print(f"{name:<16} {token_counts[name]:>11,} {best * 1e3:>9.1f} {statistics.median(times[name]) * 1e3:>10.1f} "
+        print(f"{name:<24} {token_counts[name]:>11,} {best * 1e3:>9.1f} {statistics.median(times[name]) * 1e3:>10.1f} "
               f"{tokens_per_s[name]:>10,.0f} {rate / 1e9:>8.1f} {rate / peak:>8.1%}")
     ratio = per_step["transformers"] / per_step["aurelius-4m"]
     fraction = flop_counts["aurelius-4m"] * tokens_per_s["aurelius-4m"] / peak
-    print(f"aurelius-4m vs transformers: {ratio:.2f}x; {fraction:.1%} of the matmul peak "
-          f"(FLOPs/token {flops:,.0f} = 6N + 12 L H Q T)")
-    print(json.dumps({"ratio_vs_transformers": round(ratio, 3), "fraction_of_matmul_peak": round(fraction, 3),
+    result = {"ratio_vs_transformers": round(ratio, 3)}
+    summary = f"aurelius-4m vs transformers: {ratio:.2f}x"
+    if "transformers-same-malloc" in per_step:
+        result["ratio_vs_transformers_same_malloc"] = round(per_step["transformers-same-malloc"]
+                                                           / per_step["aurelius-4m"], 3)
+        summary += f" (vs transformers given our allocator setting: {result['ratio_vs_transformers_same_malloc']:.2f}x)"
+    print(f"{summary}; {fraction:.1%} of the matmul peak (FLOPs/token {flops:,.0f} = 6N + 12 L H Q T)")
+    print(json.dumps({**result, "fraction_of_matmul_peak": round(fraction, 3),
                       "matmul_peak_gflops": round(peak / 1e9, 1),
                       "matmul_gflops": {k: round(v / 1e9, 1) for k, v in rates.items()},
                       "tokens_per_s": {k: round(v) for k, v in tokens_per_s.items()}}))
