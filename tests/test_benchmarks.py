@@ -1,0 +1,28 @@
+"""The speed benchmarks still run and end with the JSON line their readers parse (a tiny run; no figure is checked)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def last_json_line(script: str, *argv: str) -> dict:
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_train_speed_reports_both_ratios():
+    result = last_json_line("train_speed.py", "--rounds", "1", "--threads", "1")
+    assert result["ratio_vs_transformers"] > 0 and result["ratio_vs_transformers_same_malloc"] > 0
+    assert 0 < result["fraction_of_matmul_peak"] < 1
+    assert set(result["tokens_per_s"]) == {"aurelius-4m", "transformers", "transformers-same-malloc", "micromixer-1m"}
+
+
+def test_generate_speed_reports_its_keys():
+    result = last_json_line("generate_speed.py", "--new-tokens", "4")
+    for key in ("batch1_tokens_per_s", "batch64_tokens_per_s", "transformers_batch1_tokens_per_s", "ratio_batch1"):
+        assert result[key] > 0
