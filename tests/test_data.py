@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import random
 from pathlib import Path
 
@@ -103,22 +102,12 @@ def test_shared_sample_files_read():
 
 # ---------------------------------------------------------------- hub cache, offline
 
-def test_hub_download_from_a_prefilled_cache_offline(tmp_path, monkeypatch):
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "hub" / "datasets--roneneldan--TinyStories"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    (repo / "blobs").mkdir()
-    (repo / "blobs" / "e3b0c44298fc1c149afbf4c8996fb924").write_text(f"{A}\n<|endoftext|>\n{B}\n<|endoftext|>\n")
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    os.symlink("../../blobs/e3b0c44298fc1c149afbf4c8996fb924",
-               repo / "snapshots" / commit / "TinyStoriesV2-GPT4-valid.txt")
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_hub_download_from_a_prefilled_cache_offline(offline_hub):
+    text = f"{A}\n<|endoftext|>\n{B}\n<|endoftext|>\n".encode()
+    snapshot = offline_hub("dataset", "roneneldan/TinyStories", {"TinyStoriesV2-GPT4-valid.txt": text})
     config = DataConfig(paths=[], hub_dataset="roneneldan/TinyStories", hub_files=["TinyStoriesV2-GPT4-valid.txt"])
     files = resolve_data_files(config)
-    assert files[0].resolve() == (repo / "blobs" / "e3b0c44298fc1c149afbf4c8996fb924").resolve()
+    assert files[0].resolve() == (snapshot / "TinyStoriesV2-GPT4-valid.txt").resolve()
     assert load_corpus(config).stories == [A, B]
     config.hub_files = ["TinyStoriesV2-GPT4-train.txt"]  # not in the cache: offline, so a clear error
     with pytest.raises(TinylmError, match="offline"):

@@ -15,6 +15,7 @@ from tinylm.checkpoint import save_checkpoint
 from tinylm.cli import main
 from tinylm.data import frame_prefix
 from tinylm.errors import TinylmError
+from tinylm.evaluate import evaluate_path
 from tinylm.export import export_hf_model, export_llama2c_model, load_hf_dir, load_model_dir
 from tinylm.files import atomic_write_text
 from tinylm.generate import generate
@@ -103,6 +104,28 @@ def test_hf_round_trip(tmp_path, case):
         torch.testing.assert_close(loaded(ids)[0], model(ids)[0], atol=1e-5, rtol=0)
     assert loaded_tokenizer.fingerprint() == tokenizer.fingerprint()  # still matches the run's shards
     assert loaded_recipe.sample == recipe.sample and loaded_recipe.data.framing == recipe.data.framing
+
+
+def test_hub_model_id_from_a_prefilled_cache_offline(tmp_path, offline_hub, capsys):
+    model, recipe, tokenizer = make("tied-gqa")
+    export_hf_model(model, recipe, tokenizer, tmp_path / "hf")
+    export = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+    offline_hub("model", "someone/tiny-story-llama", export)
+    loaded, loaded_recipe, _ = load_model_dir("someone/tiny-story-llama")
+    ids = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids)[0], model(ids)[0], atol=1e-5, rtol=0)
+    assert loaded_recipe.sample == recipe.sample
+    assert main(["sample", "someone/tiny-story-llama", "--prompt", "Once", "--max-new-tokens", "5", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("Once")
+    with pytest.raises(TinylmError, match="offline"):  # not in the cache, and offline
+        load_model_dir("someone/another-model")
+    with pytest.raises(TinylmError, match="needs --data"):  # a hub repository holds no shards
+        evaluate_path("someone/tiny-story-llama")
+    # a damaged download is refused by our export's manifest
+    offline_hub("model", "someone/damaged", {**export, "config.json": export["config.json"] + b" "})
+    with pytest.raises(TinylmError, match="config.json"):
+        load_model_dir("someone/damaged")
 
 
 def test_micromixer_export(tmp_path):

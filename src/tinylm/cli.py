@@ -332,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("eval", help="loss, perplexity and bits per byte on the whole validation split")
-    p.add_argument("run", metavar="RUN", help="a run directory (or a Hugging Face export directory)")
+    p.add_argument("run", metavar="RUN", help="a run directory, a Hugging Face model directory or a hub model id "
+                                              "(owner/name; needs --data)")
     p.add_argument("--checkpoint", default="best", help="best (default), latest or step-NNNNNNNN")
     p.add_argument("--data", metavar="DIR", help="the token shards to use (default RUN/data)")
     p.add_argument("--batch-size", type=int, default=None, help="evaluation batch (default: the recipe's)")
@@ -340,11 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = commands.add_parser(
-        "sample", help="generate text from a run or a Hugging Face directory",
+        "sample", help="generate text from a run, a Hugging Face directory or a hub model id",
         description="Continue prompts with the model (one prompt streams as it is generated). Settings default to "
                     "the recipe's [sample] section. A prompt longer than the model's context is refused (exit 2); "
                     "generation stops at EOS, at a --stop string, after --max-new-tokens, or when the context is full.")
-    p.add_argument("model", metavar="RUN_OR_HF_DIR", help="a run directory or a Hugging Face model directory")
+    p.add_argument("model", metavar="RUN_OR_HF_DIR", help="a run directory, a Hugging Face model directory or a hub "
+                                                          "model id (owner/name, fetched into the hub cache)")
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="a prompt (repeatable; \"\" starts a story from BOS); default: the recipe's prompts")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)

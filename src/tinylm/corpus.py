@@ -20,6 +20,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import hub
 from .errors import TinylmError
 from .recipe import DataConfig, Recipe
 from .tokenizer import REPO_ROOT, Tokenizer, build_tokenizer
@@ -71,33 +72,13 @@ def _expand(pattern: str) -> list[Path]:
     return files
 
 
-def hub_cache_dir() -> str | None:
-    """huggingface_hub reads its environment once, at import; read it again now so a later setting counts."""
-    home = os.environ.get("HF_HOME")
-    return os.environ.get("HF_HUB_CACHE") or (os.path.join(home, "hub") if home else None)
-
-
 def hub_files(config: DataConfig) -> list[Path]:
     if not config.hub_dataset:
         raise TinylmError("data.paths is empty and data.hub_dataset is not set")
     if not config.hub_files:
         raise TinylmError(f"data.hub_files is empty: name the files of {config.hub_dataset} to use, "
                           "e.g. [\"TinyStoriesV2-GPT4-valid.txt\"]")
-    from huggingface_hub import hf_hub_download
-
-    offline = any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
-                  for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    paths = []
-    for name in config.hub_files:
-        try:
-            path = hf_hub_download(repo_id=config.hub_dataset, repo_type="dataset", filename=name,
-                                   cache_dir=hub_cache_dir(), local_files_only=offline)
-        except Exception as exc:  # network, missing file, offline cache miss: all one line for the user
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise TinylmError(f"cannot get {name} from the Hugging Face dataset {config.hub_dataset}"
-                              f"{' (offline)' if offline else ''}: {first}") from None
-        paths.append(Path(path))
-    return paths
+    return [hub.dataset_file(config.hub_dataset, name) for name in config.hub_files]
 
 
 # ---------------------------------------------------------------- reading stories

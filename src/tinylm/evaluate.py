@@ -89,15 +89,20 @@ def evaluate(model: torch.nn.Module, tokenizer, shard, context_length: int | Non
 
 def evaluate_path(path: str | Path, which: str = "best", data_dir: str | Path | None = None,
                   batch_size: int | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Evaluate a run directory (its checkpoint `which`) or a Hugging Face export directory on a validation shard.
+    """Evaluate a run directory (its checkpoint `which`), a Hugging Face directory or a hub model id on a validation
+    shard.
 
-    A run is scored on RUN/data/val.bin and the result recorded in RUN/eval.json. An export directory needs the
-    shard of a run prepared with the same tokenizer (`data_dir`), unless it holds a data/ folder itself."""
+    A run is scored on RUN/data/val.bin and the result recorded in RUN/eval.json. A Hugging Face directory needs the
+    shard of a run prepared with the same tokenizer (`data_dir`), unless it holds a data/ folder itself; a hub model
+    always needs `data_dir`."""
     from .checkpoint import checkpoint_path
     from .data import TokenShard
     from .export import load_model_dir
+    from .hub import is_repo_id
 
     path = Path(path)
+    if data_dir is None and not path.exists() and is_repo_id(str(path)):
+        raise TinylmError(f"{path}: a hub model needs --data DIR, the shards of a run prepared with its tokenizer")
     is_run = (path / "recipe.toml").is_file()
     model, recipe, tokenizer = load_model_dir(path, which, device=device)  # a run, or a Hugging Face directory
     source = checkpoint_path(path, which) if is_run else path

@@ -1,11 +1,12 @@
 """Export a run: `hf` (a Hugging Face directory; export_hf.py) or `llama2c` (run.c's model.bin + tokenizer.bin;
 export_llama2c.py). `load_hf_dir` reads a Hugging Face directory back (ours, or any LlamaForCausalLM);
-`load_model_dir` takes either a run or such a directory."""
+`load_model_dir` takes a run, such a directory, or the hub id of one."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from . import hub
 from .errors import TinylmError
 from .export_hf import export_hf, export_hf_model, hf_state_dict, load_hf_dir
 from .export_llama2c import export_llama2c, export_llama2c_model, llama2c_problems
@@ -41,12 +42,16 @@ def export(run_dir: str | Path, fmt: str, out_dir: str | Path, which: str = "bes
 
 
 def load_model_dir(path: str | Path, which: str = "best", device: str = "cpu"):
-    """(model, recipe, tokenizer) from a run directory (checkpoint `which`) or a Hugging Face directory."""
-    path = Path(path)
-    if (path / "recipe.toml").is_file():
+    """(model, recipe, tokenizer) from a run directory (checkpoint `which`), a Hugging Face directory, or a hub
+    repository id ('owner/name', fetched into the hub cache) of such a directory. A local path wins over an id."""
+    local = Path(path)
+    if not local.exists() and hub.is_repo_id(str(path)):
+        local = hub.model_snapshot(str(path))
+    if (local / "recipe.toml").is_file():
         from .checkpoint import load_run_model
 
-        return load_run_model(path, which, device=device)
-    if (path / "config.json").is_file():
-        return load_hf_dir(path, device=device)
-    raise TinylmError(f"{path}: neither a run directory (recipe.toml) nor a Hugging Face directory (config.json)")
+        return load_run_model(local, which, device=device)
+    if (local / "config.json").is_file():
+        return load_hf_dir(local, device=device)
+    raise TinylmError(f"{path}: neither a run directory (recipe.toml), a Hugging Face directory (config.json) nor a "
+                      "hub model id (owner/name)")
