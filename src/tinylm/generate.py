@@ -160,7 +160,10 @@ class FastLlama:
         heads, kv, hd = self.n_heads, self.n_kv, self.head_dim
         n_qk = (heads + kv) * hd
         cos, sin = self.cos[pos], self.sin[pos]
-        keys, values = cache.keys.unbind(0), cache.values.unbind(0)  # per-layer views in one op each
+        # this step's views of the cache, a few ops per step rather than per layer: the slot written at `pos` and
+        # the positions attended, for every layer
+        key_slots, value_slots = cache.keys[:, :, :, pos], cache.values[:, :, :, pos]
+        keys, values = cache.keys[:, :, :, :pos + 1], cache.values[:, :, :, :pos + 1]
         onednn = self.onednn if batch >= 8 else None  # its call overhead outweighs it for few rows
 
         def project(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
@@ -177,12 +180,12 @@ class FastLlama:
             qkv = project(x, wqkv) / norm_divisor(x)
             qk = qkv[:, :n_qk].view(batch, heads + kv, 2, hd // 2)
             qk = torch.addcmul(qk * cos, qk.flip(2), sin)
-            keys[index][:, :, pos] = qk[:, heads:].reshape(batch, kv, hd)
-            values[index][:, :, pos] = qkv[:, n_qk:].view(batch, kv, hd)
+            key_slots[index].copy_(qk[:, heads:].reshape(batch, kv, hd))
+            value_slots[index].copy_(qkv[:, n_qk:].view(batch, kv, hd))
             # Grouped-query attention without repeating k/v: query heads of one kv head form a (group, hd) block.
             q = qk[:, :heads].reshape(batch, kv, heads // kv, hd)
-            weights = torch.matmul(q, keys[index][:, :, :pos + 1].transpose(-1, -2)).softmax(dim=-1)
-            out = torch.matmul(weights, values[index][:, :, :pos + 1]).view(batch, heads * hd)
+            weights = torch.matmul(q, keys[index].transpose(-1, -2)).softmax(dim=-1)
+            out = torch.matmul(weights, values[index]).view(batch, heads * hd)
             x = add_projected(x, out, wo)
             gate_up = project(x, w13) / norm_divisor(x)
             if b13 is not None:
