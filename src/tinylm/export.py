@@ -46,7 +46,10 @@ def load_model_dir(path: str | Path, which: str = "best", device: str = "cpu"):
     repository id ('owner/name', fetched into the hub cache) of such a directory. A local path wins over an id."""
     local = Path(path)
     if not local.exists() and hub.is_repo_id(str(path)):
-        local = hub.model_snapshot(str(path))
+        try:
+            local = hub.model_snapshot(str(path))
+        except TinylmError as exc:  # perhaps a mistyped local path: say both
+            raise TinylmError(f"{path}: no such directory; as a hub model id, {exc}") from None
     if (local / "recipe.toml").is_file():
         from .checkpoint import load_run_model
 
