@@ -15,6 +15,7 @@ alike; each figure is the best round (the least disturbed), the median is printe
   for transformers the same formula with the same N; GFLOP/s = FLOPs per token x tokens per second.
 - matmul peak: the best fp32 rate of a 2048 x 2048 product on the same threads, timed in the same rounds, with
   torch.mm (MKL) and with oneDNN's kernel (which tinylm trains with on a CPU); the peak is the faster of the two.
+  Our rate is given as a fraction of both: of the peak, and of torch.mm's rate (what a plain PyTorch matmul gets).
 --default-malloc runs everything in one process with glibc's defaults (tinylm's step as a plain script would get it).
 The last line is one JSON object.
 """
@@ -180,8 +181,11 @@ def main() -> None:
         result["ratio_vs_transformers_same_malloc"] = round(per_step["transformers-same-malloc"]
                                                            / per_step["aurelius-4m"], 3)
         summary += f" (vs transformers given our allocator setting: {result['ratio_vs_transformers_same_malloc']:.2f}x)"
-    print(f"{summary}; {fraction:.1%} of the matmul peak (FLOPs/token {flops:,.0f} = 6N + 12 L H Q T)")
+    of_torch_mm = flop_counts["aurelius-4m"] * tokens_per_s["aurelius-4m"] / rates["torch"]
+    print(f"{summary}; {fraction:.1%} of the matmul peak, {of_torch_mm:.1%} of torch.mm's rate "
+          f"(FLOPs/token {flops:,.0f} = 6N + 12 L H Q T)")
     print(json.dumps({**result, "fraction_of_matmul_peak": round(fraction, 3),
+                      "fraction_of_torch_mm_rate": round(of_torch_mm, 3),
                       "matmul_peak_gflops": round(peak / 1e9, 1),
                       "matmul_gflops": {k: round(v / 1e9, 1) for k, v in rates.items()},
                       "tokens_per_s": {k: round(v) for k, v in tokens_per_s.items()}}))
