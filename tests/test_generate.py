@@ -15,7 +15,7 @@ from tinylm.errors import TinylmError
 from tinylm.export import hf_state_dict
 from tinylm.export_hf import hf_config
 from tinylm.files import atomic_write_text
-from tinylm.generate import (FastLlama, Sampling, apply_repetition_penalty, apply_temperature, generate,
+from tinylm.generate import (FastLlama, Sampling, fast_llama, apply_repetition_penalty, apply_temperature, generate,
                              generate_text, min_p_filter, sample_from, top_k_filter, top_p_filter)
 from tinylm.models import MixerState, build_model
 from tinylm.recipe import ModelConfig, load_recipe, recipe_to_toml
@@ -75,6 +75,27 @@ def test_fast_path_equals_forward(name, batch):
         steps = torch.stack([fast.step(ids[:, t], cache) for t in range(5, 40)], 1)
     assert cache.pos == 40
     torch.testing.assert_close(steps, full[:, 5:], atol=1e-5, rtol=0)
+
+
+def test_fast_copy_is_kept_until_a_weight_changes():
+    model = small_model("tied-gqa", scale=10.0)
+    prompt = [[0, 17, 42, 99, 5]]
+
+    def both_paths():
+        return [generate(model, prompt, max_new_tokens=12, temperature=0, fast=fast)[0] for fast in (True, False)]
+
+    first = fast_llama(model)
+    assert fast_llama(model) is first
+    before = both_paths()
+    assert before[0] == before[1]
+    with torch.no_grad():
+        model.layers[0].attention.wq.weight.mul_(-3.0)  # in place: same storage, new version
+    assert fast_llama(model) is not first
+    after = both_paths()
+    assert after[0] == after[1] != before[0]
+    model.layers[1].feed_forward.w2.weight = torch.nn.Parameter(torch.randn_like(model.layers[1].feed_forward.w2.weight))
+    changed = both_paths()
+    assert changed[0] == changed[1] != after[0]
 
 
 def hf_llama(model):

@@ -13,7 +13,9 @@ greedy. LLaMA steps run on `FastLlama`, an inference-only copy of the weights wi
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -160,10 +162,12 @@ class FastLlama:
         heads, kv, hd = self.n_heads, self.n_kv, self.head_dim
         n_qk = (heads + kv) * hd
         cos, sin = self.cos[pos], self.sin[pos]
-        # this step's views of the cache, a few ops per step rather than per layer: the slot written at `pos` and
-        # the positions attended, for every layer
-        key_slots, value_slots = cache.keys[:, :, :, pos], cache.values[:, :, :, pos]
-        keys, values = cache.keys[:, :, :, :pos + 1], cache.values[:, :, :, :pos + 1]
+        # This step's views of the cache, a few ops per step rather than per layer: each layer's slot at `pos`, and
+        # its attended keys (transposed) and values with batch and kv heads in one dimension, ready for bmm.
+        key_slots, value_slots = cache.keys[:, :, :, pos].unbind(0), cache.values[:, :, :, pos].unbind(0)
+        merged = (len(self.layers), batch * kv, -1, hd)  # a view (never a silent copy) of the contiguous cache
+        keys_t = cache.keys.view(merged)[:, :, :pos + 1].transpose(-1, -2).unbind(0)
+        values = cache.values.view(merged)[:, :, :pos + 1].unbind(0)
         onednn = self.onednn if batch >= 8 else None  # its call overhead outweighs it for few rows
 
         def project(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
@@ -176,16 +180,17 @@ class FastLlama:
             return torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.norm_floor)
 
         x = F.embedding(ids, self.embedding)
-        for index, (wqkv, wo, w13, b13, w2) in enumerate(self.layers):
+        for (wqkv, wo, w13, b13, w2), key_slot, value_slot, layer_keys_t, layer_values in zip(
+                self.layers, key_slots, value_slots, keys_t, values):
             qkv = project(x, wqkv) / norm_divisor(x)
             qk = qkv[:, :n_qk].view(batch, heads + kv, 2, hd // 2)
             qk = torch.addcmul(qk * cos, qk.flip(2), sin)
-            key_slots[index].copy_(qk[:, heads:].reshape(batch, kv, hd))
-            value_slots[index].copy_(qkv[:, n_qk:].view(batch, kv, hd))
+            key_slot.copy_(qk[:, heads:].reshape(batch, kv, hd))
+            value_slot.copy_(qkv[:, n_qk:].view(batch, kv, hd))
             # Grouped-query attention without repeating k/v: query heads of one kv head form a (group, hd) block.
-            q = qk[:, :heads].reshape(batch, kv, heads // kv, hd)
-            weights = torch.matmul(q, keys[index].transpose(-1, -2)).softmax(dim=-1)
-            out = torch.matmul(weights, values[index]).view(batch, heads * hd)
+            q = qk[:, :heads].reshape(batch * kv, heads // kv, hd)
+            weights = torch.bmm(q, layer_keys_t).softmax(dim=-1)
+            out = torch.bmm(weights, layer_values).view(batch, heads * hd)
             x = add_projected(x, out, wo)
             gate_up = project(x, w13) / norm_divisor(x)
             if b13 is not None:
@@ -193,6 +198,22 @@ class FastLlama:
             x = add_projected(x, F.silu(gate_up[:, :self.hidden]) * gate_up[:, self.hidden:], w2)
         cache.advance(1)
         return project(x, self.unembedding) / norm_divisor(x)
+
+
+_FAST_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def fast_llama(model: Llama) -> FastLlama:
+    """The model's FastLlama, kept between generate calls (building one copies every weight) and rebuilt once any
+    parameter or buffer has changed: replaced (new storage) or updated in place (its version counter moves)."""
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    if any(t.is_inference() for t in tensors):  # inference tensors keep no version counter: nothing to compare
+        return FastLlama(model)
+    state = tuple((t.data_ptr(), t._version) for t in tensors)
+    kept = _FAST_COPIES.get(model)
+    if kept is None or kept[0] != state:
+        kept = _FAST_COPIES[model] = (state, FastLlama(model))
+    return kept[1]
 
 
 def _keep_rows(cache, keep: torch.Tensor) -> None:
@@ -259,7 +280,7 @@ def generate(model, prompts_ids: Sequence[Sequence[int]], max_new_tokens: int = 
         torch.set_num_threads(1)
     try:
         cache = model.new_cache(batch, max_len=end - 1)
-        step = FastLlama(model).step if fast and isinstance(model, Llama) else _forward_step(model)
+        step = fast_llama(model).step if fast and isinstance(model, Llama) else _forward_step(model)
         seen = None
         if repetition_penalty != 1.0:
             seen = torch.zeros((batch, model.config.vocab_size), dtype=torch.bool, device=device)
