@@ -2,7 +2,8 @@
 
 aurelius-4m with random weights, extended to 512 positions (linear RoPE x2, the card's extension) so that an 8-token
 prompt plus 256 new tokens fit; temperature 0.5, min-p 0.15, EOS ignored so every row makes all 256 tokens.
-Tokens/s = new tokens / wall time of the whole generate call (prefill included), best of --repeats runs. Both sides
+Tokens/s = new tokens / wall time of the whole generate call (prefill included), the best of --repeats rounds (at
+least 3) in which the runs take turns, so the ratio compares runs made under the same machine conditions. Both sides
 run with --threads intra-op threads (default 1: on a small shared machine a second thread that waits for a busy core
 costs far more than it gives; tinylm's generate uses 1 thread for batches up to 4 whatever the setting).
 The last line is one JSON object.
@@ -27,12 +28,15 @@ from tinylm.recipe import load_recipe
 SETTINGS = dict(temperature=0.5, min_p=0.15)
 
 
-def timed(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+def best_times(runs: dict, rounds: int) -> dict:
+    """Best wall time of each function over `rounds` rounds that take turns, so a slow spell of a shared machine
+    falls on every side alike and the ratios hold still."""
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -48,7 +52,7 @@ def transformers_model(model, recipe):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds (at least 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both sides")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=8)
@@ -78,12 +82,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)  # both sides alike
     generate(model, prompts[:2], max_new_tokens=8, eos_id=None, seed=0, **SETTINGS)  # warm up
     theirs(1)
-    # generate itself uses 1 thread up to batch 4; a batch-1 run takes a fraction of a second: best of three
-    result = {"batch1_tokens_per_s": n / timed(lambda: ours(1), max(3, args.repeats)),
-              "batch64_tokens_per_s": 64 * n / timed(lambda: ours(64), args.repeats),
-              "transformers_batch1_tokens_per_s": n / timed(lambda: theirs(1), args.repeats)}
+    # generate itself uses 1 thread up to batch 4; a batch-1 run takes a fraction of a second: at least three rounds
+    runs = {"batch1": lambda: ours(1), "transformers_batch1": lambda: theirs(1), "batch64": lambda: ours(64)}
     if args.hf_batch64:
-        result["transformers_batch64_tokens_per_s"] = 64 * n / timed(lambda: theirs(64), args.repeats)
+        runs["transformers_batch64"] = lambda: theirs(64)
+    best = best_times(runs, max(3, args.repeats))
+    result = {f"{name}_tokens_per_s": (64 if name.endswith("64") else 1) * n / seconds
+              for name, seconds in best.items()}
     result["ratio_batch1"] = result["batch1_tokens_per_s"] / result["transformers_batch1_tokens_per_s"]
     result.update(threads=args.threads, new_tokens=n, torch=torch.__version__)
     print(f"tinylm batch 1:        {result['batch1_tokens_per_s']:9.0f} tokens/s")

@@ -8,7 +8,8 @@ position is the batch's position, the cache's single `pos` is right for all of t
 prompt would give alone. Rows that have ended leave the batch once a quarter of it has ended.
 
 Logits processors follow transformers' order: repetition penalty, temperature, top-k, top-p, min-p; temperature 0 is
-greedy. LLaMA steps run on `FastLlama`, an inference-only copy of the weights with fewer, fused operations per token.
+greedy. LLaMA steps run on `FastLlama`, an inference-only copy of the weights with fewer, fused operations per token;
+the copy is kept with the model between calls (`fast_llama`) until a weight changes.
 """
 
 from __future__ import annotations
