@@ -8,14 +8,14 @@ run with --threads intra-op threads (default 1: on a small shared machine a seco
 costs far more than it gives; tinylm's generate uses 1 thread for batches up to 4 whatever the setting).
 The last line is one JSON object.
 
-    python benchmarks/generate_speed.py [--threads 1] [--repeats 1] [--new-tokens 256] [--hf-batch64]
+    python benchmarks/generate_speed.py [--threads 1] [--repeats 3] [--new-tokens 256] [--hf-batch64]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+from functools import partial
 
 import torch
 
@@ -24,20 +24,9 @@ from tinylm.export_hf import hf_config
 from tinylm.generate import generate
 from tinylm.models import build_model
 from tinylm.recipe import load_recipe
+from timing import interleaved_times
 
 SETTINGS = dict(temperature=0.5, min_p=0.15)
-
-
-def best_times(runs: dict, rounds: int) -> dict:
-    """Best wall time of each function over `rounds` rounds that take turns, so a slow spell of a shared machine
-    falls on every side alike and the ratios hold still."""
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def transformers_model(model, recipe):
@@ -80,15 +69,12 @@ def main() -> None:
         assert out.shape[1] == ids.shape[1] + n
 
     torch.set_num_threads(args.threads)  # both sides alike
-    generate(model, prompts[:2], max_new_tokens=8, eos_id=None, seed=0, **SETTINGS)  # warm up
-    theirs(1)
     # generate itself uses 1 thread up to batch 4; a batch-1 run takes a fraction of a second: at least three rounds
-    runs = {"batch1": lambda: ours(1), "transformers_batch1": lambda: theirs(1), "batch64": lambda: ours(64)}
+    runs = {"batch1": (1, ours), "transformers_batch1": (1, theirs), "batch64": (64, ours)}
     if args.hf_batch64:
-        runs["transformers_batch64"] = lambda: theirs(64)
-    best = best_times(runs, max(3, args.repeats))
-    result = {f"{name}_tokens_per_s": (64 if name.endswith("64") else 1) * n / seconds
-              for name, seconds in best.items()}
+        runs["transformers_batch64"] = (64, theirs)
+    times = interleaved_times({name: partial(fn, batch) for name, (batch, fn) in runs.items()}, max(3, args.repeats))
+    result = {f"{name}_tokens_per_s": batch * n / min(times[name]) for name, (batch, _) in runs.items()}
     result["ratio_batch1"] = result["batch1_tokens_per_s"] / result["transformers_batch1_tokens_per_s"]
     result.update(threads=args.threads, new_tokens=n, torch=torch.__version__)
     print(f"tinylm batch 1:        {result['batch1_tokens_per_s']:9.0f} tokens/s")

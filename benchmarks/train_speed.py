@@ -28,7 +28,6 @@ import multiprocessing
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -37,6 +36,7 @@ from tinylm.models.ops import onednn_matmul
 from tinylm.monitor import flops_per_token, training_parameters
 from tinylm.recipe import load_recipe
 from tinylm.runtime import build_optimizer, keep_freed_memory, training_step
+from timing import interleaved_times
 
 
 def ours(name: str, batch_size: int | None = None):
@@ -107,19 +107,6 @@ def plain_transformers(threads: int):
     return step, stop
 
 
-def measure(contenders: dict, rounds: int, steps: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for step in contenders.values():  # warm-up: first-touch allocations, lazy initialisation
-        step()
-    for _ in range(rounds):
-        for name, step in contenders.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            times[name].append((time.perf_counter() - start) / steps)
-    return times
-
-
 def matmul_contender(kernel: str, size: int = 2048):
     a, b = torch.randn(size, size), torch.randn(size, size)
     product = torch.mm if kernel == "torch" else onednn_matmul()
@@ -152,7 +139,7 @@ def main() -> None:
     kernels = ["torch"] + (["onednn"] if onednn_matmul() is not None else [])
     for kernel in kernels:
         contenders[f"matmul-{kernel}"], matmul_flops = matmul_contender(kernel)
-    times = measure(contenders, args.rounds, args.steps)
+    times = interleaved_times(contenders, args.rounds, args.steps)
     if stop is not None:
         stop()
     per_step = {name: min(t) for name, t in times.items()}
