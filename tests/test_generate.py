@@ -3,6 +3,7 @@ greedy decoding and every logits processor against transformers, batching, EOS/s
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,10 @@ def test_processors_equal_transformers_warpers():
     assert torch.equal(settings.process(scores, seen), processed)
     weights = settings.weights(scores, seen)  # what the sampler draws from
     torch.testing.assert_close(weights / weights.sum(-1, keepdim=True), processed.softmax(-1), atol=1e-7, rtol=1e-5)
+    for min_p in (0.15, 1.0):  # min-p on weights keeps the same tokens as transformers' on probabilities
+        kept = Sampling(temperature=0.7, min_p=min_p).weights(scores, None) > 0
+        theirs = MinPLogitsWarper(min_p)(input_ids, TemperatureLogitsWarper(0.7)(input_ids, scores.clone()))
+        assert torch.equal(kept, theirs > -math.inf)
 
 
 def test_sample_from_follows_the_distribution():
