@@ -19,6 +19,7 @@ from tinylm.files import atomic_write_text
 from tinylm.generate import (FastLlama, Sampling, fast_llama, apply_repetition_penalty, apply_temperature, generate,
                              generate_text, min_p_filter, sample_from, top_k_filter, top_p_filter)
 from tinylm.models import MixerState, build_model
+from tinylm.models.ops import onednn_packed
 from tinylm.recipe import ModelConfig, load_recipe, recipe_to_toml
 from tinylm.tokenizer import build_tokenizer
 
@@ -64,7 +65,7 @@ def test_cached_logits_equal_full_forward(name):
 
 
 @pytest.mark.parametrize("name", ["tied-gqa", "untied-mha", "pinv-bias", "ntk", "wide-heads"])
-@pytest.mark.parametrize("batch", [2, 9])  # 9 rows take the batched (oneDNN on a CPU) matmul
+@pytest.mark.parametrize("batch", [2, 9])  # 9 rows take oneDNN's packed-weight linears on a CPU
 def test_fast_path_equals_forward(name, batch):
     model = small_model(name)
     ids = torch.randint(0, model.config.vocab_size, (batch, 40))
@@ -75,6 +76,7 @@ def test_fast_path_equals_forward(name, batch):
         fast = FastLlama(model)
         steps = torch.stack([fast.step(ids[:, t], cache) for t in range(5, 40)], 1)
     assert cache.pos == 40
+    assert (fast.packed is not None) == (batch >= FastLlama.PACKED_ROWS and onednn_packed() is not None)
     torch.testing.assert_close(steps, full[:, 5:], atol=1e-5, rtol=0)
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .errors import TinylmError
 from .models import Llama
-from .models.ops import onednn_matmul
+from .models.ops import onednn_packed
 from .recipe import SampleConfig, validate_sampling
 
 StreamFn = Callable[[int, int], None]  # (row, token id), as each new token arrives
@@ -127,7 +127,13 @@ class FastLlama:
     computed once. Matrices are stored transposed, (in, out), which is the faster layout for a one-row product.
     RMSNorm becomes one division, RMSNorm(x) @ W = (x / sqrt(|x|^2 + dim eps)) @ sqrt(dim) W, which costs half of
     rms_norm on a one-row step. RoPE angles are tabulated for every position. Logits equal
-    model.forward's within ~1e-6."""
+    model.forward's within ~1e-6.
+
+    On a CPU in fp32, batches of PACKED_ROWS or more run on oneDNN with the matrices packed into its own layout, a
+    second copy made the first time such a batch comes; fewer rows, and other devices, run torch.mm on the (in, out)
+    matrices."""
+
+    PACKED_ROWS = 4  # where the packed kernel overtakes torch.mm on this model family's shapes
 
     def __init__(self, model: Llama):
         c = model.config
@@ -155,9 +161,15 @@ class FastLlama:
         # Half-split RoPE on (heads, 2, head_dim/2) views: out = x * cos + swap_halves(x) * (-sin, +sin).
         self.cos = angles.cos().to(dtype)[:, None, None, :].contiguous()
         self.sin = torch.stack([-angles.sin(), angles.sin()], dim=1).to(dtype)[:, None].contiguous()
-        # On a CPU in fp32, oneDNN's matmul is the faster kernel for many rows (models/ops.py); for a few rows,
-        # and on other devices, torch.mm.
-        self.onednn = onednn_matmul() if self.embedding.device.type == "cpu" and dtype == torch.float32 else None
+        self.onednn = onednn_packed() if self.embedding.device.type == "cpu" and dtype == torch.float32 else None
+        self.packed = None  # (layers, unembedding) packed by oneDNN, made when first needed
+
+    def _packed_weights(self) -> tuple[list, object]:
+        if self.packed is None:
+            def pack(matrix: torch.Tensor | None):  # biases stay as they are
+                return matrix if matrix is None or matrix.dim() == 1 else self.onednn.pack(matrix.t().contiguous())
+            self.packed = ([tuple(map(pack, layer)) for layer in self.layers], pack(self.unembedding))
+        return self.packed
 
     def step(self, ids: torch.Tensor, cache) -> torch.Tensor:
         """Feed one id per row at position cache.pos; returns (batch, vocab) logits for the next position."""
@@ -172,21 +184,20 @@ class FastLlama:
         layers = len(self.layers)
         keys_t = cache.keys.view(layers, batch * kv, hd, -1)[..., :pos + 1].unbind(0)
         values = cache.values.view(layers, batch * kv, -1, hd)[:, :, :pos + 1].unbind(0)
-        onednn = self.onednn if batch >= 8 else None  # its call overhead outweighs it for few rows
-
-        def project(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-            return torch.mm(x, matrix) if onednn is None else onednn(x, matrix.t())
-
-        def add_projected(residual: torch.Tensor, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-            return torch.addmm(residual, x, matrix) if onednn is None else residual + onednn(x, matrix.t())
+        if self.onednn is not None and batch >= self.PACKED_ROWS:
+            layer_weights, unembedding = self._packed_weights()
+            project, add_projected = self.onednn.linear, self.onednn.linear_add
+        else:
+            layer_weights, unembedding = self.layers, self.unembedding
+            project, add_projected = _mm, torch.addmm
 
         def normed(x: torch.Tensor) -> torch.Tensor:
             return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.norm_floor)
 
         x = F.embedding(ids, self.embedding)
         for (wqkv, wo, w13, b13, w2), key_slot, value_slot, layer_keys_t, layer_values in zip(
-                self.layers, key_slots, value_slots, keys_t, values):
-            qkv = project(normed(x), wqkv)
+                layer_weights, key_slots, value_slots, keys_t, values):
+            qkv = project(normed(x), wqkv, None)
             qk = qkv[:, :n_qk].view(batch, heads + kv, 2, hd // 2)
             qk = torch.addcmul(qk * cos, qk.flip(2), sin)
             key_slot.copy_(qk[:, heads:].reshape(batch, kv, hd))
@@ -196,12 +207,14 @@ class FastLlama:
             weights = torch.bmm(q, layer_keys_t).softmax(dim=-1)
             out = torch.bmm(weights, layer_values).view(batch, heads * hd)
             x = add_projected(x, out, wo)
-            gate_up = project(normed(x), w13)
-            if b13 is not None:
-                gate_up = gate_up + b13
+            gate_up = project(normed(x), w13, b13)
             x = add_projected(x, F.silu(gate_up[:, :self.hidden]) * gate_up[:, self.hidden:], w2)
         cache.advance(1)
-        return project(normed(x), self.unembedding)
+        return project(normed(x), unembedding, None)
+
+
+def _mm(x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.mm(x, matrix) if bias is None else torch.addmm(bias, x, matrix)
 
 
 _FAST_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

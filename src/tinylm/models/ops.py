@@ -1,11 +1,15 @@
-"""Training-only kernels for the CPU: oneDNN matmuls for linear layers and a blocked linear + cross-entropy.
+"""oneDNN kernels for the CPU: matmuls for training's linear layers, a blocked linear + cross-entropy, and linears on
+pre-packed weights for the decode step.
 
-Used by both architectures through `project` and `linear_cross_entropy`; inference, autocast, torch.compile and
-other devices take the plain PyTorch path, so numerics there are untouched."""
+Training uses them through `project` and `linear_cross_entropy` (both architectures); model inference, autocast,
+torch.compile and other devices take the plain PyTorch path, so numerics there are untouched. The sampling engine's
+decode step uses `onednn_packed`."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -42,6 +46,43 @@ def onednn_matmul():
             except (AttributeError, RuntimeError):
                 pass
     return _ONEDNN_MATMUL or None
+
+
+@dataclass(frozen=True)
+class PackedLinear:
+    """oneDNN linears on weights packed once into its own layout (an opaque tensor). `pack(weight)` takes an (out, in)
+    weight; `linear(x, packed, bias)` is x @ weight.T + bias (bias may be None); `linear_add(residual, x, packed)` is
+    residual + x @ weight.T in one kernel."""
+
+    pack: Callable
+    linear: Callable
+    linear_add: Callable
+
+
+_PACKED_LINEAR = None
+
+
+def onednn_packed() -> PackedLinear | None:
+    """oneDNN's packed-weight linears in fp32 on a CPU, or None where this PyTorch lacks them or they disagree with mm.
+    On aurelius-4m's shapes they take 16% less time than the unpacked oneDNN matmul at 64 rows and 25% less at 8,
+    and from 4 rows up less than torch.mm."""
+    global _PACKED_LINEAR
+    if _PACKED_LINEAR is None:
+        _PACKED_LINEAR = False
+        if os.environ.get("TINYLM_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available():
+            try:
+                op = torch.ops.mkldnn._linear_pointwise
+                ops = PackedLinear(pack=torch.ops.mkldnn._reorder_linear_weight,
+                                   linear=lambda x, packed, bias: op(x, packed, bias, "none", [], ""),
+                                   linear_add=lambda residual, x, packed: op.binary(x, residual, packed, None, "add"))
+                x, weight, bias, residual = torch.randn(5, 16), torch.randn(12, 16), torch.randn(12), torch.randn(5, 12)
+                packed = ops.pack(weight)
+                if (torch.allclose(ops.linear(x, packed, bias), x @ weight.t() + bias, atol=1e-5)
+                        and torch.allclose(ops.linear_add(residual, x, packed), residual + x @ weight.t(), atol=1e-5)):
+                    _PACKED_LINEAR = ops
+            except (AttributeError, RuntimeError):
+                pass
+    return _PACKED_LINEAR or None
 
 
 def _cpu_training(x: torch.Tensor, weight: torch.Tensor) -> bool:
