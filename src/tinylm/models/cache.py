@@ -9,8 +9,8 @@ import torch
 class KVCache:
     """Preallocated keys and values for every layer. Values are (layers, batch, kv_heads, max_len, head_dim); keys
     are stored transposed, (layers, batch, kv_heads, head_dim, max_len), so that a one-token query's scores are a
-    product with positions along rows, which runs about twice as fast as the other layout for small batched
-    matrices on a CPU."""
+    product with positions along rows: on a CPU at batch 64 that product takes 35-45% less time than with the other
+    layout."""
 
     def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, device, dtype):
         self.keys = torch.zeros((n_layers, batch_size, n_kv_heads, head_dim, max_len), device=device, dtype=dtype)
