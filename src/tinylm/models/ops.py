@@ -29,23 +29,23 @@ def onednn_matmul():
     """oneDNN's `a @ b.T` (dense strided tensors), or None where this PyTorch lacks it or it disagrees with mm."""
     global _ONEDNN_MATMUL
     if _ONEDNN_MATMUL is None:
-        _ONEDNN_MATMUL = False
-        if os.environ.get("TINYLM_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available():
-            try:
-                op = torch.ops.mkldnn._linear_pointwise
-
-                def matmul_nt(a, b):
-                    return op(a, b, None, "none", [], "")
-
-                # the three products of a training step, transposed (strided) operands included
-                a, b, c = torch.randn(8, 16), torch.randn(12, 16), torch.randn(8, 12)
-                if (torch.allclose(matmul_nt(a, b), a @ b.t(), atol=1e-5)
-                        and torch.allclose(matmul_nt(c, b.t()), c @ b, atol=1e-5)
-                        and torch.allclose(matmul_nt(a.t(), c.t()), a.t() @ c, atol=1e-5)):
-                    _ONEDNN_MATMUL = matmul_nt
-            except (AttributeError, RuntimeError):
-                pass
+        _ONEDNN_MATMUL = _checked_onednn(_build_matmul_nt) or False
     return _ONEDNN_MATMUL or None
+
+
+def _build_matmul_nt():
+    op = torch.ops.mkldnn._linear_pointwise
+
+    def matmul_nt(a, b):
+        return op(a, b, None, "none", [], "")
+
+    # the three products of a training step, transposed (strided) operands included
+    a, b, c = torch.randn(8, 16), torch.randn(12, 16), torch.randn(8, 12)
+    if (torch.allclose(matmul_nt(a, b), a @ b.t(), atol=1e-5)
+            and torch.allclose(matmul_nt(c, b.t()), c @ b, atol=1e-5)
+            and torch.allclose(matmul_nt(a.t(), c.t()), a.t() @ c, atol=1e-5)):
+        return matmul_nt
+    return None
 
 
 @dataclass(frozen=True)
@@ -68,21 +68,32 @@ def onednn_packed() -> PackedLinear | None:
     and from 4 rows up less than torch.mm."""
     global _PACKED_LINEAR
     if _PACKED_LINEAR is None:
-        _PACKED_LINEAR = False
-        if os.environ.get("TINYLM_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available():
-            try:
-                op = torch.ops.mkldnn._linear_pointwise
-                ops = PackedLinear(pack=torch.ops.mkldnn._reorder_linear_weight,
-                                   linear=lambda x, packed, bias: op(x, packed, bias, "none", [], ""),
-                                   linear_add=lambda residual, x, packed: op.binary(x, residual, packed, None, "add"))
-                x, weight, bias, residual = torch.randn(5, 16), torch.randn(12, 16), torch.randn(12), torch.randn(5, 12)
-                packed = ops.pack(weight)
-                if (torch.allclose(ops.linear(x, packed, bias), x @ weight.t() + bias, atol=1e-5)
-                        and torch.allclose(ops.linear_add(residual, x, packed), residual + x @ weight.t(), atol=1e-5)):
-                    _PACKED_LINEAR = ops
-            except (AttributeError, RuntimeError):
-                pass
+        _PACKED_LINEAR = _checked_onednn(_build_packed_linear) or False
     return _PACKED_LINEAR or None
+
+
+def _build_packed_linear() -> PackedLinear | None:
+    op = torch.ops.mkldnn._linear_pointwise
+    ops = PackedLinear(pack=torch.ops.mkldnn._reorder_linear_weight,
+                       linear=lambda x, packed, bias: op(x, packed, bias, "none", [], ""),
+                       linear_add=lambda residual, x, packed: op.binary(x, residual, packed, None, "add"))
+    x, weight, bias, residual = torch.randn(5, 16), torch.randn(12, 16), torch.randn(12), torch.randn(5, 12)
+    packed = ops.pack(weight)
+    if (torch.allclose(ops.linear(x, packed, bias), x @ weight.t() + bias, atol=1e-5)
+            and torch.allclose(ops.linear_add(residual, x, packed), residual + x @ weight.t(), atol=1e-5)):
+        return ops
+    return None
+
+
+def _checked_onednn(build: Callable):
+    """build()'s kernel (None when it fails its own check against torch) where oneDNN is on (TINYLM_ONEDNN is not 0)
+    and this PyTorch has the ops it calls; else None."""
+    if os.environ.get("TINYLM_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return build()
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def _cpu_training(x: torch.Tensor, weight: torch.Tensor) -> bool:
