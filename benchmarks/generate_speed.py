@@ -19,12 +19,11 @@ from functools import partial
 
 import torch
 
-from tinylm.export import hf_state_dict
-from tinylm.export_hf import hf_config
-from tinylm.generate import generate
-from tinylm.models import build_model
-from tinylm.recipe import load_recipe
 from timing import interleaved_times
+from tinylm.export.hf import hf_config, hf_state_dict
+from tinylm.infer.engine import generate
+from tinylm.models import build_model
+from tinylm.recipe import Sampling, load_recipe
 
 SETTINGS = dict(temperature=0.5, min_p=0.15)
 
@@ -56,7 +55,7 @@ def main() -> None:
         p[0] = 0  # BOS
 
     def ours(batch: int) -> None:
-        out = generate(model, prompts[:batch], max_new_tokens=n, eos_id=None, seed=0, **SETTINGS)
+        out = generate(model, prompts[:batch], Sampling(max_new_tokens=n, **SETTINGS), eos_id=None, seed=0)
         assert all(len(row) == n for row in out)
 
     hf = transformers_model(model, recipe)

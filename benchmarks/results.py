@@ -69,7 +69,8 @@ def main() -> None:
         steps = max(20, int(0.92 * args.minutes * 60 * speed / tokens_per_step))
         sets = overrides + [f"train.max_steps={steps}", f"train.max_minutes={args.minutes}",
                             f"train.eval_interval={max(1, steps // 10)}", "train.eval_batches=10",
-                            f"train.checkpoint_interval={max(1, steps // 5)}", f"train.log_interval={max(1, steps // 50)}",
+                            f"train.checkpoint_interval={max(1, steps // 5)}",
+                            f"train.log_interval={max(1, steps // 50)}",
                             f"train.warmup_steps={min(resolved.train.warmup_steps, max(1, steps // 10))}"]
         run_dir = out / name
         shutil.rmtree(run_dir, ignore_errors=True)

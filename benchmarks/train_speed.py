@@ -31,12 +31,11 @@ import sys
 
 import torch
 
+from timing import interleaved_times
 from tinylm.models import build_model
 from tinylm.models.ops import onednn_matmul
-from tinylm.monitor import flops_per_token, training_parameters
 from tinylm.recipe import load_recipe
-from tinylm.runtime import build_optimizer, keep_freed_memory, training_step
-from timing import interleaved_times
+from tinylm.train.runtime import build_optimizer, keep_freed_memory, training_step
 
 
 def ours(name: str, batch_size: int | None = None):
@@ -51,7 +50,7 @@ def ours(name: str, batch_size: int | None = None):
     def step():
         training_step(model, optimizer, [(x, y)], recipe.train.grad_clip)
 
-    flops = flops_per_token(recipe.model, training_parameters(model, recipe.model))
+    flops = model.flops_per_token()
     return step, batch * recipe.model.context_length, flops
 
 

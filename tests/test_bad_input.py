@@ -14,15 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import set_args, tiny_overrides
 from tinylm import cli
 from tinylm.recipe import load_recipe, recipe_text
-from tinylm.train import train
+from tinylm.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["data.max_stories=200", "train.batch_size=4", "model.context_length=32", "train.max_steps=2",
-        "train.eval_interval=2", "train.checkpoint_interval=2", "train.eval_batches=2", "train.warmup_steps=1",
-        "train.device=cpu"]
-SETS = [w for o in TINY for w in ("--set", o)]
+TINY = tiny_overrides(steps=2)
+SETS = set_args(TINY)
 
 
 @pytest.fixture(scope="module")
@@ -102,20 +101,20 @@ CASES = [
     # sampling settings out of range: in a recipe and on the command line
     (["params", "micromixer-100k", "--set", "sample.top_p=0"], "top_p must be in (0, 1]"),
     (["params", "micromixer-100k", "--set", "sample.top_p=1.01"], "top_p must be in (0, 1]"),
-    (["params", "micromixer-100k", "--set", "sample.temperature=-0.1"], "temperature must be >= 0"),
+    (["params", "micromixer-100k", "--set", "sample.temperature=-0.1"], "temperature must be finite and >= 0"),
     (["params", "micromixer-100k", "--set", "sample.min_p=1.5"], "min_p must be in [0, 1]"),
     (["sample", "{run}", "--top-p", "0"], "top_p must be in (0, 1]"),
     (["sample", "{run}", "--top-p", "-0.5"], "top_p must be in (0, 1]"),
     (["sample", "{run}", "--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["sample", "{run}", "--top-p", "nan"], "top_p"),
-    (["sample", "{run}", "--temperature", "-1"], "temperature must be >= 0"),
+    (["sample", "{run}", "--temperature", "-1"], "temperature must be finite and >= 0"),
+    (["sample", "{run}", "--temperature", "inf"], "temperature must be finite and >= 0"),
     (["sample", "{run}", "--temperature", "nan"], "temperature"),
-    (["sample", "{run}", "--temperature", "inf"], "temperature"),
     (["sample", "{run}", "--min-p", "1.01"], "min_p must be in [0, 1]"),
     (["sample", "{run}", "--min-p", "-0.1"], "min_p must be in [0, 1]"),
     (["sample", "{run}", "--min-p", "nan"], "min_p"),
     (["sample", "{run}", "--top-k", "-1"], "top_k must be >= 0"),
-    (["sample", "{run}", "--repetition-penalty", "0"], "repetition_penalty must be > 0"),
+    (["sample", "{run}", "--repetition-penalty", "0"], "repetition_penalty must be finite and > 0"),
     (["sample", "{run}", "--max-new-tokens", "-1"], "max_new_tokens must be >= 0"),
     (["sample", "{run}", "--seed", str(2**64)], "seed"),
     (["sample", "{run}", "--seed", str(-2**63 - 1)], "seed"),
@@ -225,6 +224,19 @@ def test_output_never_replaces_a_directory_tinylm_did_not_write(trained, tmp_pat
     assert cli.main(argv) == 2
     assert "not written by tinylm" in capsys.readouterr().err
     assert (target / "thesis.tex").read_text() == "years of work" and len(list(target.iterdir())) == 1
+
+
+@pytest.mark.parametrize("layout", ["a folder of the user's", "a run holding a file of the user's"])
+def test_demo_force_never_deletes_what_tinylm_did_not_write(trained, tmp_path, capsys, layout):
+    """`tinylm demo --out ~/Documents --force` goes through the same guard as every replaced output."""
+    target = copy_run(trained, tmp_path) if layout.startswith("a run") else tmp_path / "Documents"
+    target.mkdir(exist_ok=True)
+    (target / "thesis.tex").write_text("years of work")
+    before = snapshot(target)
+    assert cli.main(["demo", "--out", str(target), "--force", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refusing to replace" in err[0], err
+    assert snapshot(target) == before
 
 
 def test_output_onto_a_file_is_refused(trained, files, tmp_path, capsys):

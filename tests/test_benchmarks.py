@@ -18,7 +18,10 @@ def last_json_line(script: str, *argv: str) -> dict:
 def test_train_speed_reports_both_ratios():
     result = last_json_line("train_speed.py", "--rounds", "1", "--threads", "1")
     assert result["ratio_vs_transformers"] > 0 and result["ratio_vs_transformers_same_malloc"] > 0
-    assert 0 < result["fraction_of_matmul_peak"] <= result["fraction_of_torch_mm_rate"]
+    # the peak is the faster measured kernel, and no training step can do more useful work than a bare matmul: a
+    # fraction of 1 or more would mean a wrong FLOP count
+    assert result["matmul_peak_gflops"] == max(result["matmul_gflops"].values())
+    assert 0 < result["fraction_of_matmul_peak"] < 1
     assert set(result["tokens_per_s"]) == {"aurelius-4m", "transformers", "transformers-same-malloc", "micromixer-1m"}
 
 

@@ -6,13 +6,13 @@ import re
 import pytest
 import torch
 
+from helpers import set_args
 from tinylm.cli import main
-from tinylm.compare import comparison_table
-from tinylm.runinfo import read_run
+from tinylm.runs.compare import comparison_table
+from tinylm.runs.info import read_run
 
-TINY = ["--set", "train.max_steps=8", "--set", "train.eval_interval=4", "--set", "train.eval_batches=2",
-        "--set", "train.checkpoint_interval=4", "--set", "train.batch_size=4", "--set", "train.log_interval=4",
-        "--set", "sample.max_new_tokens=12", "--set", "data.max_stories=600"]
+TINY = set_args(["train.max_steps=8", "train.eval_interval=4", "train.eval_batches=2", "train.checkpoint_interval=4",
+                 "train.batch_size=4", "train.log_interval=4", "sample.max_new_tokens=12", "data.max_stories=600"])
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_demo_writes_every_result(demo_run):
     # the export is the trained model, loadable by transformers with no custom code
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tinylm.checkpoint import load_run_model
+    from tinylm.runs.loading import load_run_model
 
     ours, _, _ = load_run_model(demo_run, "best")
     hf = AutoModelForCausalLM.from_pretrained(demo_run / "hf").eval()

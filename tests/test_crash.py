@@ -21,17 +21,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tinylm.checkpoint import load_state, load_weights, read_run_recipe, step_checkpoints
-from tinylm.files import verify_manifest
+from helpers import set_args, tiny_overrides
+from tinylm.data.tokenizer import load_tokenizer
 from tinylm.models import build_model
-from tinylm.tokenizer import load_tokenizer
+from tinylm.storage.atomic import verify_manifest
+from tinylm.storage.rundir import RunDir
+from tinylm.train.checkpoints import load_state, load_weights
 
 REPO = Path(__file__).resolve().parents[1]
 INTERVAL = 4  # checkpoint_interval
 MAX_STEPS = 48
-OVERRIDES = ["data.max_stories=200", "train.batch_size=4", "model.context_length=32", f"train.max_steps={MAX_STEPS}",
-             "train.log_interval=1", f"train.eval_interval={INTERVAL}", f"train.checkpoint_interval={INTERVAL}",
-             "train.eval_batches=2", "train.warmup_steps=2", "train.keep_last=2", "train.device=cpu"]
+OVERRIDES = tiny_overrides(steps=MAX_STEPS, eval_every=INTERVAL, checkpoint_every=INTERVAL, warmup=2) + \
+    ["train.keep_last=2"]
 RECIPE = "micromixer-100k"  # dropout 0.1: the RNG state must resume too
 
 # Runs in the child: optionally wrap one function so that the process stops (marker + sleep) inside a write.
@@ -47,7 +48,8 @@ def pause(where):
     time.sleep(600)  # the test kills us here
 
 import shutil, torch
-import tinylm.checkpoint as ckpt, tinylm.data as data, tinylm.files as files, tinylm.monitor as monitor
+import tinylm.train.checkpoints as ckpt, tinylm.data.shards as data
+import tinylm.storage.atomic as files, tinylm.train.metrics as monitor
 
 def after(module, name, where):
     real = getattr(module, name)
@@ -130,7 +132,7 @@ def pinned(cpu: int):
 def child(run: Path, resume: bool, log: Path, point: str = "", marker: Path | None = None,
           cpu: int = 1) -> subprocess.Popen:
     command = [sys.executable, "-c", CHILD, "train", RECIPE, "--out", str(run), "--quiet"]
-    command += [w for o in OVERRIDES for w in ("--set", o)] + (["--resume"] if resume else [])
+    command += set_args(OVERRIDES) + (["--resume"] if resume else [])
     env = {**os.environ, "TINYLM_PEAK_FLOPS": "1e11", "PYTHONUNBUFFERED": "1", "CRASH_POINT": point,
            "CRASH_MARKER": str(marker or "/dev/null")}
     with open(log, "w") as out:
@@ -162,7 +164,7 @@ def steps_done(run: Path) -> int:
 
 
 def latest_step(run: Path) -> int:
-    found = step_checkpoints(run / "checkpoints")
+    found = RunDir(run).step_checkpoints()
     return int(found[-1].name.split("-")[1]) if found else 0
 
 
@@ -180,8 +182,8 @@ def check_nothing_partial(run: Path) -> None:
         json.loads((run / "run.json").read_text())
     if (run / "tokenizer.json").exists():
         load_tokenizer(run / "tokenizer.json")
-    recipe = read_run_recipe(run) if (run / "recipe.toml").exists() else None
-    found = step_checkpoints(checkpoints)
+    recipe = RunDir(run).read_recipe() if (run / "recipe.toml").exists() else None
+    found = RunDir(run).step_checkpoints()
     if found:  # the checkpoint a resume would take loads: weights fit, state unpickles safely
         load_weights(build_model(recipe.model), found[-1] / "model.safetensors")
         assert load_state(found[-1])["step"] == latest_step(run)
@@ -222,7 +224,7 @@ def test_sigkill_anywhere_resumes_to_the_same_weights(tmp_path):
             target = rng.randint(1, INTERVAL - 1) if point == "before-first-checkpoint" else \
                 before + rng.randint(1, 2 * INTERVAL)
             assert target < MAX_STEPS
-            wait_for(proc, lambda: steps_done(run) >= target, log)
+            wait_for(proc, lambda target=target: steps_done(run) >= target, log)
             time.sleep(rng.uniform(0, 0.02))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -243,7 +245,7 @@ def test_sigkill_anywhere_resumes_to_the_same_weights(tmp_path):
     assert len(kills) == len(plan) >= 5 and any(k[0] == "weights" for k in kills)
 
     # The same final weights, optimizer moments and best checkpoint as the unbroken run, bit for bit.
-    ours, theirs = step_checkpoints(run / "checkpoints"), step_checkpoints(reference / "checkpoints")
+    ours, theirs = RunDir(run).step_checkpoints(), RunDir(reference).step_checkpoints()
     assert ours[-1].name == theirs[-1].name == f"step-{MAX_STEPS:08d}"
     for name in (ours[-1].name, "best"):
         a = load_file(str(run / "checkpoints" / name / "model.safetensors"))
@@ -258,8 +260,9 @@ def test_sigkill_anywhere_resumes_to_the_same_weights(tmp_path):
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(sa[index][key], sb[index][key])
     # metrics.jsonl: every step once, with the unbroken run's losses
-    strip = lambda records: [{k: v for k, v in r.items() if k in ("step", "loss", "val_loss", "train_loss")}
-                             for r in records]  # noqa: E731
+    def strip(records):
+        return [{k: v for k, v in r.items() if k in ("step", "loss", "val_loss", "train_loss")} for r in records]
+
     assert strip(metric_records(run)[0]) == strip(metric_records(reference)[0])
     # no leftovers of the crashes beside the checkpoints that a later write of the same name would not clear
     print("kills (point, how, resumed from, steps logged, checkpoint kept):", *kills, sep="\n")
@@ -270,7 +273,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_
     """ENOSPC half-way through the second checkpoint: exit 2, the first checkpoint intact, nothing partial."""
     import errno
 
-    import tinylm.checkpoint as ckpt
+    import tinylm.train.checkpoints as ckpt
     from tinylm import cli
 
     real, calls = ckpt.save_weights, {"n": 0}
@@ -285,14 +288,13 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_
     monkeypatch.setattr(ckpt, "save_weights", full_disk)
     monkeypatch.setenv("TINYLM_PEAK_FLOPS", "1e11")
     run = tmp_path / "run"
-    args = ["train", RECIPE, "--out", str(run), "--quiet"] + [w for o in OVERRIDES + ["train.max_steps=12",
-                                                                                      "train.eval_interval=100"]
-                                                               for w in ("--set", o)]
+    args = ["train", RECIPE, "--out", str(run), "--quiet"] + set_args(OVERRIDES + ["train.max_steps=12",
+                                                                                  "train.eval_interval=100"])
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0] and "step-00000008" in err[0], err
     check_nothing_partial(run)
-    assert [p.name for p in step_checkpoints(run / "checkpoints")] == ["step-00000004"]
+    assert [p.name for p in RunDir(run).step_checkpoints()] == ["step-00000004"]
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000004"]  # the partial one is gone
     monkeypatch.setattr(ckpt, "save_weights", real)
     assert cli.main(args + ["--resume"]) == 0  # and the run goes on from it

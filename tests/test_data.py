@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from tinylm.cli import main
-from tinylm.corpus import load_corpus, read_stories, resolve_data_files, split_stories
-from tinylm.data import BatchSampler, TokenShard, eval_batches, frame_prefix, prepare_data
+from tinylm.data.corpus import load_corpus, read_stories, resolve_data_files, split_stories
+from tinylm.data.shards import BatchSampler, TokenShard, eval_batches, frame_prefix, prepare_data
+from tinylm.data.tokenizer_training import build_tokenizer
 from tinylm.errors import TinylmError
-from tinylm.files import verify_manifest
 from tinylm.models import IGNORE_INDEX
 from tinylm.recipe import DataConfig, TokenizerConfig, recipe_from_dict
-from tinylm.tokenizer import build_tokenizer
+from tinylm.storage.atomic import verify_manifest
 
 SHARED = Path("../shared/data/tinystories")
 A, B, C = "Once upon a time there was a cat.\nThe cat sat.", "Tom had a red ball.", "Sue smiled. The end."
@@ -222,7 +222,7 @@ def window_start(tokens: np.ndarray, row: np.ndarray) -> int:
 
 
 def test_sampler_blocks_determinism_and_exact_resume(sink_run):
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.data.tokenizer import load_tokenizer
 
     run = sink_run
     shard = TokenShard(run / "data" / "train.bin", load_tokenizer(run))
@@ -230,11 +230,11 @@ def test_sampler_blocks_determinism_and_exact_resume(sink_run):
     x, y = next(sampler)
     assert x.shape == y.shape == (4, 32) and x.dtype == y.dtype == __import__("torch").long
     assert (y[:, :-1] == x[:, 1:]).all()
-    for row_x, row_y in zip(x.numpy(), y.numpy()):
+    for row_x, row_y in zip(x.numpy(), y.numpy(), strict=True):
         s = window_start(shard.tokens, row_x)
         assert np.array_equal(shard.tokens[s + 1:s + 33], row_y)
     again = BatchSampler(shard, 4, 32, seed=5, prefix=[])
-    assert all((a == b).all() for a, b in zip(next(again), (x, y)))
+    assert all((a == b).all() for a, b in zip(next(again), (x, y), strict=True))
     assert not (next(BatchSampler(shard, 4, 32, seed=6, prefix=[]))[0] == x).all()
 
     for _ in range(3):
@@ -243,13 +243,14 @@ def test_sampler_blocks_determinism_and_exact_resume(sink_run):
     expected = [next(sampler) for _ in range(2)]
     resumed = BatchSampler(shard, 4, 32, seed=0, prefix=[])
     resumed.load_state_dict(state)
-    assert all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(expected, [next(resumed) for _ in range(2)]))
+    again = [next(resumed) for _ in range(2)]
+    assert all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(expected, again, strict=True))
     with pytest.raises(TinylmError):
         BatchSampler(shard, 8, 32, seed=0, prefix=[]).load_state_dict(state)
 
 
 def test_sink_prefix_sits_at_positions_0_and_1(sink_run):
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.data.tokenizer import load_tokenizer
 
     run = sink_run
     tokenizer = load_tokenizer(run)
@@ -258,7 +259,7 @@ def test_sink_prefix_sits_at_positions_0_and_1(sink_run):
     x, y = next(BatchSampler(shard, 6, 24, seed=1))
     assert (x[:, 0] == 3).all() and (x[:, 1] == 0).all() and (y[:, :2] == IGNORE_INDEX).all()
     assert (y[:, 2:-1] == x[:, 3:]).all()
-    for row_x, row_y in zip(x.numpy(), y.numpy()):
+    for row_x, row_y in zip(x.numpy(), y.numpy(), strict=True):
         s = window_start(shard.tokens, row_x[2:])
         assert row_y[-1] == shard.tokens[s + 22]
     # stories in the stream end with </s> (the pair template's separator)

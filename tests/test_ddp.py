@@ -13,18 +13,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tinylm.checkpoint import step_checkpoints
+from helpers import set_args, tiny_overrides
 from tinylm.recipe import load_recipe
-from tinylm.train import Context, prepare_run_data, train
+from tinylm.storage.rundir import RunDir
+from tinylm.train.loop import prepare_run_data, train
+from tinylm.train.runtime import Context
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["data.max_stories=200", "train.max_steps=4", "train.log_interval=1", "train.eval_interval=2",
-        "train.checkpoint_interval=2", "train.eval_batches=2", "train.warmup_steps=1", "model.context_length=32",
-        "model.n_layers=2", "model.dropout=0.0"]
+# batch_size and the device stay the recipe's: the two runs compare accumulation and processes
+TINY = [o for o in tiny_overrides() if not o.startswith(("train.batch_size", "train.device"))] + \
+    ["model.n_layers=2", "model.dropout=0.0"]
 
 
 def _final(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(step_checkpoints(run / "checkpoints")[-1] / "model.safetensors"))
+    return load_file(str(RunDir(run).step_checkpoints()[-1] / "model.safetensors"))
 
 
 def _losses(run: Path) -> list[float]:
@@ -34,7 +36,7 @@ def _losses(run: Path) -> list[float]:
 def test_two_processes_equal_one_with_double_accumulation(tmp_path, monkeypatch):
     monkeypatch.setenv("TINYLM_PEAK_FLOPS", "1e11")
     base = tmp_path / "prepared"
-    prepare_run_data(load_recipe("llama2c-260k", TINY), base, Context(), progress=False)
+    prepare_run_data(load_recipe("llama2c-260k", TINY), RunDir(base), Context(), progress=False)
     runs = {}
     for name in ("one", "two"):
         runs[name] = tmp_path / name
@@ -45,7 +47,7 @@ def test_two_processes_equal_one_with_double_accumulation(tmp_path, monkeypatch)
     overrides = TINY + ["train.batch_size=4", "train.grad_accum=1"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "tinylm.cli", "train", "llama2c-260k", "--out", str(runs["two"]), "--quiet"]
-    command += [w for o in overrides for w in ("--set", o)]
+    command += set_args(overrides)
     env = {**os.environ, "TINYLM_PEAK_FLOPS": "1e11", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import tiny_overrides
 from tinylm import cli
-from tinylm.data import TokenShard
-from tinylm.evaluate import evaluate
+from tinylm.data.shards import TokenShard
+from tinylm.data.tokenizer_training import build_tokenizer
 from tinylm.recipe import TokenizerConfig, load_recipe
-from tinylm.tokenizer import build_tokenizer
-from tinylm.train import train
+from tinylm.train.evaluation import evaluate
+from tinylm.train.loop import train
 
 TEXT = "hello world"
 
@@ -53,10 +54,10 @@ def test_bits_per_byte_by_hand(byte_shard, context_length, batch_size):
     # Every byte after the first is predicted once: "ello world", 10 targets, three of them 'l'.
     log_z = math.log(255 + math.exp(2.0))
     nats = 10 * log_z - 3 * 2.0
-    assert result["tokens"] == 10 and result["bytes"] == 11
-    assert result["loss"] == pytest.approx(nats / 10, rel=1e-6)
-    assert result["perplexity"] == pytest.approx(math.exp(nats / 10), rel=1e-6)
-    assert result["bits_per_byte"] == pytest.approx(nats / (math.log(2) * 11), rel=1e-6)
+    assert result.tokens == 10 and result.bytes == 11
+    assert result.loss == pytest.approx(nats / 10, rel=1e-6)
+    assert result.perplexity == pytest.approx(math.exp(nats / 10), rel=1e-6)
+    assert result.bits_per_byte == pytest.approx(nats / (math.log(2) * 11), rel=1e-6)
 
 
 def test_evaluate_refuses_shards_of_another_tokenizer(byte_shard, tmp_path):
@@ -73,9 +74,7 @@ def run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("TINYLM_PEAK_FLOPS", "1e11")
     run = tmp_path_factory.mktemp("eval") / "run"
-    overrides = ["data.max_stories=200", "train.batch_size=4", "train.max_steps=4", "train.eval_interval=2",
-                 "train.checkpoint_interval=2", "train.eval_batches=1", "train.warmup_steps=1",
-                 "model.context_length=32", "model.n_layers=2"]
+    overrides = tiny_overrides(eval_batches=1) + ["model.n_layers=2"]
     train(load_recipe("llama2c-260k", overrides), run, progress=False)
     mp.undo()
     return run
@@ -103,9 +102,9 @@ def test_eval_cli_text_and_latest(run, capsys):
 
 
 def test_eval_accepts_a_hugging_face_export(run, tmp_path, capsys):
-    from tinylm.export_hf import export_hf
+    from tinylm.runs.publish import export_run
 
-    export_hf(run, tmp_path / "hf")
+    export_run(run, "hf", tmp_path / "hf")
     assert cli.main(["eval", str(tmp_path / "hf"), "--data", str(run / "data"), "--json"]) == 0
     exported = json.loads(capsys.readouterr().out)
     assert cli.main(["eval", str(run), "--json"]) == 0

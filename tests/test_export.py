@@ -11,17 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from tinylm.checkpoint import save_checkpoint
 from tinylm.cli import main
-from tinylm.data import frame_prefix
+from tinylm.data.shards import frame_prefix
+from tinylm.data.tokenizer_training import build_tokenizer
 from tinylm.errors import TinylmError
-from tinylm.evaluate import evaluate_path
-from tinylm.export import export_hf_model, export_llama2c_model, load_hf_dir, load_model_dir
-from tinylm.files import atomic_write_text
-from tinylm.generate import generate
+from tinylm.export.hf import export_hf_model
+from tinylm.export.hf_import import load_hf_dir
+from tinylm.export.llama2c import export_llama2c_model
+from tinylm.infer.engine import generate
 from tinylm.models import build_model
-from tinylm.recipe import load_recipe, recipe_to_toml
-from tinylm.tokenizer import build_tokenizer
+from tinylm.recipe import Sampling, load_recipe, recipe_to_toml
+from tinylm.runs.evaluate import evaluate_path
+from tinylm.runs.loading import load_model
+from tinylm.storage.atomic import atomic_write_text
+from tinylm.train.checkpoints import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,7 +85,7 @@ def test_hf_export_loads_in_transformers(tmp_path, case):
         ours, _ = model(ids)
         theirs = hf(ids).logits
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
-    greedy = generate(model, [ids[0].tolist()], max_new_tokens=12, temperature=0)[0]
+    greedy = generate(model, [ids[0].tolist()], Sampling(max_new_tokens=12, temperature=0))[0]
     out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
                       eos_token_id=None, pad_token_id=0)
     assert out[0, ids.shape[1]:].tolist() == greedy
@@ -111,7 +114,7 @@ def test_hub_model_id_from_a_prefilled_cache_offline(tmp_path, offline_hub, caps
     export_hf_model(model, recipe, tokenizer, tmp_path / "hf")
     export = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
     offline_hub("model", "someone/tiny-story-llama", export)
-    loaded, loaded_recipe, _ = load_model_dir("someone/tiny-story-llama")
+    loaded, loaded_recipe, _ = load_model("someone/tiny-story-llama")
     ids = torch.randint(0, 256, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids)[0], model(ids)[0], atol=1e-5, rtol=0)
@@ -119,13 +122,13 @@ def test_hub_model_id_from_a_prefilled_cache_offline(tmp_path, offline_hub, caps
     assert main(["sample", "someone/tiny-story-llama", "--prompt", "Once", "--max-new-tokens", "5", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("Once")
     with pytest.raises(TinylmError, match="offline"):  # not in the cache, and offline
-        load_model_dir("someone/another-model")
+        load_model("someone/another-model")
     with pytest.raises(TinylmError, match="needs --data"):  # a hub repository holds no shards
         evaluate_path("someone/tiny-story-llama")
     # a damaged download is refused by our export's manifest
     offline_hub("model", "someone/damaged", {**export, "config.json": export["config.json"] + b" "})
     with pytest.raises(TinylmError, match="config.json"):
-        load_model_dir("someone/damaged")
+        load_model("someone/damaged")
 
 
 def test_micromixer_export(tmp_path):
@@ -134,7 +137,7 @@ def test_micromixer_export(tmp_path):
     model = build_model(recipe.model).eval()
     export_hf_model(model, recipe, tokenizer, tmp_path / "hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "tinylm-micromixer"
-    loaded, loaded_recipe, _ = load_model_dir(tmp_path / "hf")
+    loaded, loaded_recipe, _ = load_model(tmp_path / "hf")
     ids = torch.randint(0, 256, (2, 30))
     with torch.no_grad():
         assert torch.equal(loaded(ids)[0], model(ids)[0])
@@ -276,7 +279,7 @@ def test_llama2c_export_matches_numpy_forward(tmp_path, case):
 def test_llama2c_tokenizer_scores_follow_merges():
     recipe = load_recipe("llama2c-260k")
     tokenizer = build_tokenizer(recipe.tokenizer, ["the cat sat on the mat. the cat ran."] * 50)
-    from tinylm.export_llama2c import tokenizer_bin_entries
+    from tinylm.export.llama2c import tokenizer_bin_entries
 
     entries = tokenizer_bin_entries(tokenizer, recipe.model.vocab_size)
     pieces = {piece: score for piece, score in entries}
@@ -307,7 +310,7 @@ def test_cli_export(tmp_path, capsys):
     assert main(["export", str(run), "--format", "hf"]) == 0
     assert main(["export", str(run), "--format", "hf"]) == 0  # a second export replaces the first
     assert "LlamaForCausalLM" in capsys.readouterr().out
-    loaded, _, _ = load_model_dir(run / "hf")
+    loaded, _, _ = load_model(run / "hf")
     ids = torch.randint(0, 256, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids)[0], model(ids)[0], atol=1e-5, rtol=0)

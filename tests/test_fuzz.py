@@ -16,17 +16,25 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from helpers import set_args, tiny_overrides
 from tinylm import cli
 from tinylm.errors import TinylmError
-from tinylm.generate import Sampling, generate
+from tinylm.infer.engine import generate
+from tinylm.infer.sampling import pick, processed_scores
 from tinylm.models import build_model
-from tinylm.recipe import (SECTIONS, ModelConfig, apply_override, load_recipe, recipe_from_dict, recipe_from_toml,
-                           recipe_to_toml)
-from tinylm.train import train
+from tinylm.recipe import (
+    SECTIONS,
+    ModelConfig,
+    Sampling,
+    apply_override,
+    load_recipe,
+    recipe_from_dict,
+    recipe_from_toml,
+    recipe_to_toml,
+)
+from tinylm.train.loop import train
 
-TINY = ["data.max_stories=60", "train.batch_size=2", "model.context_length=16", "train.max_steps=2",
-        "train.eval_interval=2", "train.checkpoint_interval=2", "train.eval_batches=1", "train.warmup_steps=1",
-        "train.device=cpu", "model.n_layers=1", "train.log_interval=1"]
+TINY = tiny_overrides(steps=2, eval_batches=1, stories=60, batch=2, context=16) + ["model.n_layers=1"]
 CLI_EXAMPLES = 200
 SAMPLER_EXAMPLES = 400
 GENERATE_EXAMPLES = 60
@@ -58,7 +66,7 @@ VALUES = ["-1", "0", "1", "2", "3", "8", "0.5", "1.5", "1e-9", "nan", "inf", "-i
 def overrides():
     pair = st.tuples(st.sampled_from(KEYS), st.sampled_from(VALUES)).map(lambda kv: f"{kv[0]}={kv[1]}")
     odd = st.sampled_from(["", "=", ".", "model.", "model.=1", ".dim=2", "model.dim", "a.b.c=1"])
-    return st.lists(st.one_of(pair, odd), max_size=3).map(lambda items: [w for o in items for w in ("--set", o)])
+    return st.lists(st.one_of(pair, odd), max_size=3).map(set_args)
 
 
 JUNK = ["x", "", "nan", "inf", "-inf", "1e400", "99999999999999999999999", "-99999999999999999999999", "0x10"]
@@ -139,7 +147,7 @@ def test_fuzzed_command_lines_exit_0_or_2(world, tmp_path_factory, monkeypatch, 
     for key, value in places.items():
         argv = [a.replace(key, str(value)) for a in argv]
     if heavy(argv):
-        argv += [w for o in TINY for w in ("--set", o)]
+        argv += set_args(TINY)
     monkeypatch.chdir(scratch)  # a default --out (runs/NAME) lands in the scratch directory
     monkeypatch.setenv("TINYLM_PEAK_FLOPS", "1e11")
     try:
@@ -180,10 +188,10 @@ def test_sampler_in_range_never_fails(batch, vocab, config, seed, data):
     seen = torch.rand(batch, vocab, generator=torch.Generator().manual_seed(seed % 1000)) < 0.3
     sampling = Sampling(**config)
     generator = torch.Generator().manual_seed(seed)
-    ids = sampling.pick(logits, seen, generator)
+    ids = pick(sampling, logits, seen, generator)
     assert ids.shape == (batch,) and ids.dtype == torch.long
     assert ((0 <= ids) & (ids < vocab)).all()
-    scores = sampling.process(logits, seen)
+    scores = processed_scores(sampling, logits, seen)
     kept = scores.gather(1, ids[:, None]).squeeze(1)
     assert torch.isfinite(kept).all(), "a filtered id (score -inf) was picked"
     if config["temperature"] == 0:
@@ -207,9 +215,9 @@ def models():
 
 
 @pytest.mark.parametrize("name,value", OUT_OF_RANGE)
-def test_generate_refuses_settings_out_of_range(models, name, value):
+def test_sampling_refuses_settings_out_of_range(name, value):
     with pytest.raises(TinylmError, match=name):
-        generate(models["llama"], [[1, 2, 3]], **{"max_new_tokens": 4, name: value})
+        Sampling(**{"max_new_tokens": 4, name: value})
 
 
 @pytest.mark.parametrize("prompts,message", [([[]], "empty"), ("full", "context holds"),
@@ -219,7 +227,7 @@ def test_generate_refuses_bad_prompts(models, prompts, message):
     for model in models.values():
         rows = [[1] * model.max_positions] if prompts == "full" else prompts
         with pytest.raises(TinylmError, match=message):
-            generate(model, rows, max_new_tokens=3)
+            generate(model, rows, Sampling(max_new_tokens=3))
 
 
 @settings(max_examples=GENERATE_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
@@ -229,9 +237,9 @@ def test_generate_refuses_bad_prompts(models, prompts, message):
 def test_generate_in_range_never_fails(models, name, prompts, max_new, config, eos, seed):
     model = models[name]
     context = model.max_positions
-    out = generate(model, prompts, max_new_tokens=max_new, eos_id=eos, seed=seed, **config)
+    out = generate(model, prompts, Sampling(max_new_tokens=max_new, **config), eos_id=eos, seed=seed)
     assert len(out) == len(prompts)
-    for prompt, new in zip(prompts, out):
+    for prompt, new in zip(prompts, out, strict=True):
         assert len(new) <= min(max_new, context - len(prompt))
         assert all(0 <= i < 40 for i in new) and eos not in new
 

@@ -10,18 +10,27 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tinylm.checkpoint import save_checkpoint
 from tinylm.cli import main
+from tinylm.data.tokenizer_training import build_tokenizer
 from tinylm.errors import TinylmError
-from tinylm.export import hf_state_dict
-from tinylm.export_hf import hf_config
-from tinylm.files import atomic_write_text
-from tinylm.generate import (FastLlama, Sampling, fast_llama, apply_repetition_penalty, apply_temperature, generate,
-                             generate_text, min_p_filter, sample_from, top_k_filter, top_p_filter)
+from tinylm.export.hf import hf_config, hf_state_dict
+from tinylm.infer.engine import generate, generate_text
+from tinylm.infer.sampling import (
+    apply_repetition_penalty,
+    apply_temperature,
+    min_p_filter,
+    processed_scores,
+    sample_from,
+    sampling_weights,
+    top_k_filter,
+    top_p_filter,
+)
 from tinylm.models import MixerState, build_model
+from tinylm.models.decode import FastLlama, fast_llama, forward_step
 from tinylm.models.ops import onednn_packed
-from tinylm.recipe import ModelConfig, load_recipe, recipe_to_toml
-from tinylm.tokenizer import build_tokenizer
+from tinylm.recipe import ModelConfig, Sampling, load_recipe, recipe_to_toml
+from tinylm.storage.atomic import atomic_write_text
+from tinylm.train.checkpoints import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,7 +94,8 @@ def test_fast_copy_is_kept_until_a_weight_changes():
     prompt = [[0, 17, 42, 99, 5]]
 
     def both_paths():
-        return [generate(model, prompt, max_new_tokens=12, temperature=0, fast=fast)[0] for fast in (True, False)]
+        greedy = Sampling(max_new_tokens=12, temperature=0)
+        return [generate(model, prompt, greedy, fast=fast)[0] for fast in (True, False)]
 
     first = fast_llama(model)
     assert fast_llama(model) is first
@@ -96,7 +106,8 @@ def test_fast_copy_is_kept_until_a_weight_changes():
     assert fast_llama(model) is not first
     after = both_paths()
     assert after[0] == after[1] != before[0]
-    model.layers[1].feed_forward.w2.weight = torch.nn.Parameter(torch.randn_like(model.layers[1].feed_forward.w2.weight))
+    w2 = model.layers[1].feed_forward.w2
+    w2.weight = torch.nn.Parameter(torch.randn_like(w2.weight))
     changed = both_paths()
     assert changed[0] == changed[1] != after[0]
 
@@ -120,7 +131,8 @@ def test_greedy_equals_transformers_generate(name, penalty):
     model = small_model(name, scale=10.0)
     hf = hf_llama(model)
     prompt = [0, 17, 42, 99, 5]
-    ours = generate(model, [prompt], max_new_tokens=25, temperature=0, repetition_penalty=penalty, eos_id=1)[0]
+    greedy = Sampling(max_new_tokens=25, temperature=0, repetition_penalty=penalty)
+    ours = generate(model, [prompt], greedy, eos_id=1)[0]
     out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                       do_sample=False, max_new_tokens=25, repetition_penalty=penalty, eos_token_id=1, pad_token_id=1)
     theirs = out[0, len(prompt):].tolist()
@@ -130,8 +142,14 @@ def test_greedy_equals_transformers_generate(name, penalty):
 
 
 def test_processors_equal_transformers_warpers():
-    from transformers import (LogitsProcessorList, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
-                              TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+    from transformers import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     torch.manual_seed(0)
     scores = torch.randn(6, 500) * 3
@@ -155,11 +173,11 @@ def test_processors_equal_transformers_warpers():
     chain = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.7),
                                  TopKLogitsWarper(50), TopPLogitsWarper(0.9), MinPLogitsWarper(0.05)])
     processed = chain(input_ids, scores.clone())
-    assert torch.equal(settings.process(scores, seen), processed)
-    weights = settings.weights(scores, seen)  # what the sampler draws from
+    assert torch.equal(processed_scores(settings, scores, seen), processed)
+    weights = sampling_weights(settings, scores, seen)  # what the sampler draws from
     torch.testing.assert_close(weights / weights.sum(-1, keepdim=True), processed.softmax(-1), atol=1e-7, rtol=1e-5)
     for min_p in (0.15, 1.0):  # min-p on weights keeps the same tokens as transformers' on probabilities
-        kept = Sampling(temperature=0.7, min_p=min_p).weights(scores, None) > 0
+        kept = sampling_weights(Sampling(temperature=0.7, min_p=min_p), scores, None) > 0
         theirs = MinPLogitsWarper(min_p)(input_ids, TemperatureLogitsWarper(0.7)(input_ids, scores.clone()))
         assert torch.equal(kept, theirs > -math.inf)
 
@@ -176,20 +194,20 @@ def test_sample_from_follows_the_distribution():
 def test_batch_equals_one_by_one(name):
     model = small_model(name, scale=10.0)
     prompts = [[3, 9, 27], [5], [8, 1, 4, 4, 9, 2, 7, 30, 31, 12], [2, 2], [40, 41]]
-    kwargs = dict(max_new_tokens=15, temperature=0, repetition_penalty=1.2)
-    eos = generate(model, prompts[:1], **kwargs)[0][4]  # an id some rows produce: they end early
-    single = [generate(model, [p], eos_id=eos, **kwargs)[0] for p in prompts]
+    sampling = Sampling(max_new_tokens=15, temperature=0, repetition_penalty=1.2)
+    eos = generate(model, prompts[:1], sampling)[0][4]  # an id some rows produce: they end early
+    single = [generate(model, [p], sampling, eos_id=eos)[0] for p in prompts]
     assert len({len(s) for s in single}) > 1  # rows of different lengths (finished rows leave the batch)
-    assert generate(model, prompts, eos_id=eos, **kwargs) == single
-    assert generate(model, prompts, eos_id=eos, fast=False, **kwargs) == single
+    assert generate(model, prompts, sampling, eos_id=eos) == single
+    assert generate(model, prompts, sampling, eos_id=eos, fast=False) == single
 
 
 def test_seed_makes_sampling_repeatable():
     model = small_model("tied-gqa", scale=1.0)
-    kwargs = dict(max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.95, min_p=0.01)
-    a = generate(model, [[0, 5], [0]], seed=7, **kwargs)
-    assert a == generate(model, [[0, 5], [0]], seed=7, **kwargs)
-    assert a != generate(model, [[0, 5], [0]], seed=8, **kwargs)
+    sampling = Sampling(max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.95, min_p=0.01)
+    a = generate(model, [[0, 5], [0]], sampling, seed=7)
+    assert a == generate(model, [[0, 5], [0]], sampling, seed=7)
+    assert a != generate(model, [[0, 5], [0]], sampling, seed=8)
 
 
 class Counter(nn.Module):
@@ -206,6 +224,9 @@ class Counter(nn.Module):
     def new_cache(self, batch_size, max_len=None):
         return MixerState(1, batch_size, 2, "cpu")
 
+    def decode_step(self, fast=True):
+        return forward_step(self)
+
     def forward(self, ids, targets=None, cache=None):
         assert ids.shape[1] + cache.pos <= self.max_positions
         self.fed += ids.t().tolist()
@@ -216,7 +237,7 @@ class Counter(nn.Module):
 def test_engine_feeds_each_row_its_own_sequence():
     model = Counter(vocab=50, context=30)
     prompts = [[1, 2, 3, 4, 5], [10], [20, 30]]
-    out = generate(model, prompts, max_new_tokens=4, temperature=0)
+    out = generate(model, prompts, Sampling(max_new_tokens=4, temperature=0))
     assert out == [[6, 7, 8, 9], [11, 12, 13, 14], [31, 32, 33, 34]]
     # Lockstep: one position per step for every row, after a prefill of the shortest prompt; each row is fed its
     # prompt, then its own samples; a row that has ended is dropped from the batch (row 1 after position 3, ...).
@@ -226,41 +247,43 @@ def test_engine_feeds_each_row_its_own_sequence():
 def test_rows_ending_early_do_not_change_the_others():
     model = Counter(vocab=20, context=20)
     prompts = [[3], [7], [1], [15], [5, 5, 5], [0]]
-    together = generate(model, prompts, max_new_tokens=12, temperature=0, eos_id=6)
-    assert together == [generate(model, [p], max_new_tokens=12, temperature=0, eos_id=6)[0] for p in prompts]
+    together = generate(model, prompts, Sampling(max_new_tokens=12, temperature=0), eos_id=6)
+    assert together == [generate(model, [p], Sampling(max_new_tokens=12, temperature=0), eos_id=6)[0] for p in prompts]
     assert together[0] == [4, 5] and together[1] == list(range(8, 20))
 
 
 def test_eos_stop_context_and_streaming():
     model = Counter(vocab=20, context=12)
     streamed = []
-    out = generate(model, [[3], [7]], max_new_tokens=50, temperature=0, eos_id=6,
+    out = generate(model, [[3], [7]], Sampling(max_new_tokens=50, temperature=0), eos_id=6,
                    stream=lambda row, token: streamed.append((row, token)))
     assert out[0] == [4, 5]  # EOS ends the row and is not returned
     assert out[1] == list(range(8, 19))  # the context is full at 12 tokens
     assert out[1] == [t for r, t in streamed if r == 1] and [t for r, t in streamed if r == 0] == [4, 5]
-    assert generate(model, [[1]], 50, temperature=0, stop=lambda row, ids: ids[-1] == 9) == [[2, 3, 4, 5, 6, 7, 8, 9]]
-    assert generate(model, [list(range(11))], 5, temperature=0) == [[11]]  # room for one token only
+    greedy = Sampling(max_new_tokens=50, temperature=0)
+    assert generate(model, [[1]], greedy, stop=lambda row, ids: ids[-1] == 9) == [[2, 3, 4, 5, 6, 7, 8, 9]]
+    # room for one token only
+    assert generate(model, [list(range(11))], Sampling(max_new_tokens=5, temperature=0)) == [[11]]
     with pytest.raises(TinylmError, match="context holds 12"):
-        generate(model, [list(range(12))], 5)
+        generate(model, [list(range(12))], Sampling(max_new_tokens=5))
     with pytest.raises(TinylmError, match="empty"):
-        generate(model, [[]], 5)
+        generate(model, [[]], Sampling(max_new_tokens=5))
     with pytest.raises(TinylmError, match="top_p"):
-        generate(model, [[1]], 5, top_p=0)
+        generate(model, [[1]], Sampling(max_new_tokens=5, top_p=0))
 
 
 def test_text_stop_strings_and_stream_hold_back():
     tokenizer = build_tokenizer(load_recipe("micromixer-100k").tokenizer)  # raw bytes: id == byte
     model = Counter(vocab=256, context=60)
     pieces = []
-    texts = generate_text(model, tokenizer, ["ab", "x"], stop=["fg", "z{"], max_new_tokens=30, temperature=0,
-                          stream=lambda row, text: pieces.append((row, text)))
+    texts = generate_text(model, tokenizer, ["ab", "x"], Sampling(max_new_tokens=30, temperature=0),
+                          stop=["fg", "z{"], stream=lambda row, text: pieces.append((row, text)))
     assert texts == ["cde", "y"]
     assert "".join(t for r, t in pieces if r == 0) == "cde" and "".join(t for r, t in pieces if r == 1) == "y"
     assert all("f" not in t for _, t in pieces)  # the stop string's first letter was held back, never shown
     with pytest.raises(TinylmError, match="framing 'none'"):  # no start token to begin an empty prompt with
-        generate_text(model, tokenizer, [""], max_new_tokens=3)
-    assert generate_text(model, tokenizer, [""], prefix=[64], max_new_tokens=3, temperature=0) == ["ABC"]
+        generate_text(model, tokenizer, [""], Sampling(max_new_tokens=3))
+    assert generate_text(model, tokenizer, [""], Sampling(max_new_tokens=3, temperature=0), prefix=[64]) == ["ABC"]
 
 
 def make_run(path: Path, name: str = "aurelius-4m", sets: tuple[str, ...] = ()):

@@ -15,18 +15,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import set_args, tiny_overrides
 from tinylm import cli
-from tinylm.checkpoint import load_run_model, step_checkpoints
-from tinylm.data import TokenShard
+from tinylm.data.shards import TokenShard
 from tinylm.errors import TinylmError
-from tinylm.files import verify_manifest, write_manifest
 from tinylm.recipe import load_recipe
-from tinylm.train import train
+from tinylm.runs.loading import load_run_model
+from tinylm.storage.atomic import verify_manifest, write_manifest
+from tinylm.storage.rundir import RunDir
+from tinylm.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["data.max_stories=200", "train.batch_size=4", "model.context_length=32", "train.max_steps=4",
-        "train.log_interval=1", "train.eval_interval=2", "train.checkpoint_interval=2", "train.eval_batches=2",
-        "train.warmup_steps=1", "train.device=cpu"]
+TINY = tiny_overrides()
 LLAMA = TINY + ["model.n_layers=2"]
 RNG = random.Random(7)
 
@@ -94,7 +94,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("how,offset", DAMAGES)
 def test_a_damaged_checkpoint_is_named_and_not_loaded(mixer_run, tmp_path, capsys, name, how, offset):
     run = copy_run(mixer_run, tmp_path)
-    checkpoint = step_checkpoints(run / "checkpoints")[-1]
+    checkpoint = RunDir(run).step_checkpoints()[-1]
     original = (checkpoint / name).read_bytes()
     damage(checkpoint / name, how, offset)
     before = snapshot(run)
@@ -110,7 +110,7 @@ def test_a_damaged_checkpoint_is_named_and_not_loaded(mixer_run, tmp_path, capsy
     line = error_line(capsys)
     assert str(checkpoint / name) in line or (name == "manifest.json" and str(checkpoint) in line), line
     assert cli.main(["train", "micromixer-100k", "--out", str(run), "--resume", "--quiet",
-                     *[w for o in TINY + ["train.max_steps=6"] for w in ("--set", o)]]) == 2
+                     *set_args(TINY + ["train.max_steps=6"])]) == 2
     assert str(checkpoint) in error_line(capsys)
     assert snapshot(run) == before  # refusing touched nothing
 
@@ -221,20 +221,20 @@ def _with_agreeing_manifest(checkpoint: Path) -> None:
 
 def test_a_state_file_that_runs_code_is_refused_and_never_runs(mixer_run, tmp_path, capsys):
     run = copy_run(mixer_run, tmp_path)
-    checkpoint = step_checkpoints(run / "checkpoints")[-1]
+    checkpoint = RunDir(run).step_checkpoints()[-1]
     target = tmp_path / "pwned"
     with open(checkpoint / "state.pt", "wb") as handle:
         pickle.dump({"step": 4, "optimizer": _Payload(target)}, handle, protocol=2)
     _with_agreeing_manifest(checkpoint)
     assert cli.main(["train", "micromixer-100k", "--out", str(run), "--resume", "--quiet",
-                     *[w for o in TINY + ["train.max_steps=6"] for w in ("--set", o)]]) == 2
+                     *set_args(TINY + ["train.max_steps=6"])]) == 2
     assert "state.pt: cannot be read" in error_line(capsys)
     assert not target.exists()
 
 
 def test_weights_that_are_a_pickle_are_refused_and_never_run(mixer_run, tmp_path, capsys):
     run = copy_run(mixer_run, tmp_path)
-    checkpoint = step_checkpoints(run / "checkpoints")[-1]
+    checkpoint = RunDir(run).step_checkpoints()[-1]
     target = tmp_path / "pwned"
     torch.save({"tok_embeddings.weight": _Payload(target)}, checkpoint / "model.safetensors")
     _with_agreeing_manifest(checkpoint)
@@ -260,7 +260,7 @@ def test_a_hugging_face_directory_with_only_pickled_weights_is_refused(tmp_path,
 ])
 def test_weights_that_do_not_fit_exit_2(mixer_run, tmp_path, capsys, edit, message):
     run = copy_run(mixer_run, tmp_path)
-    checkpoint = step_checkpoints(run / "checkpoints")[-1]
+    checkpoint = RunDir(run).step_checkpoints()[-1]
     tensors = load_file(str(checkpoint / "model.safetensors"))
     if edit == "missing":
         del tensors["layers.0.norm1.weight"]
@@ -282,11 +282,11 @@ def test_weights_that_do_not_fit_exit_2(mixer_run, tmp_path, capsys, edit, messa
 @pytest.mark.parametrize("content", [{}, {"step": "four"}, [1, 2, 3], {"step": 4, "optimizer": {}, "sampler": {}}])
 def test_a_state_of_the_wrong_shape_is_refused(mixer_run, tmp_path, capsys, content):
     run = copy_run(mixer_run, tmp_path)
-    checkpoint = step_checkpoints(run / "checkpoints")[-1]
+    checkpoint = RunDir(run).step_checkpoints()[-1]
     torch.save(content, checkpoint / "state.pt")
     _with_agreeing_manifest(checkpoint)
     assert cli.main(["train", "micromixer-100k", "--out", str(run), "--resume", "--quiet",
-                     *[w for o in TINY + ["train.max_steps=6"] for w in ("--set", o)]]) == 2
+                     *set_args(TINY + ["train.max_steps=6"])]) == 2
     assert "state.pt" in error_line(capsys)
 
 
@@ -295,17 +295,17 @@ def test_a_different_tokenizer_is_refused_everywhere(llama_run, tmp_path, capsys
     run = copy_run(llama_run, tmp_path)
     other = tmp_path / "other"
     assert cli.main(["tokenizer", "train", "llama2c-260k", "--out", str(other),
-                     *[w for o in LLAMA + ["data.max_stories=60"] for w in ("--set", o)]]) == 0
+                     *set_args(LLAMA + ["data.max_stories=60"])]) == 0
     capsys.readouterr()
     shutil.copy(other / "tokenizer.json", run / "tokenizer.json")
     data_before = snapshot(run / "data")
     for argv in (["eval", str(run)], ["sample", str(run), "--max-new-tokens", "2"],
                  ["train", "llama2c-260k", "--out", str(run), "--resume", "--quiet",
-                  *[w for o in LLAMA + ["train.max_steps=6"] for w in ("--set", o)]]):
+                  *set_args(LLAMA + ["train.max_steps=6"])]):
         assert cli.main(argv) == 2, argv
         assert "tokenizer" in error_line(capsys)
     assert snapshot(run / "data") == data_before  # the shards of the real tokenizer are still there
-    assert [p.name for p in step_checkpoints(run / "checkpoints")][-1] == "step-00000004"
+    assert [p.name for p in RunDir(run).step_checkpoints()][-1] == "step-00000004"
 
 
 def test_a_larger_vocabulary_is_refused(mixer_run, llama_run, tmp_path, capsys):

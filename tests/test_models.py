@@ -185,7 +185,7 @@ def test_pinv_head_passes_gradients_to_the_embedding():
 
 
 def test_mixer_matches_its_spec_formula_by_hand():
-    """HyperMix output for one layer computed by hand from the SPEC's equations."""
+    """HyperMix output for one layer computed by hand from the MicroMixer card's equations."""
     import torch.nn.functional as F
 
     config = ModelConfig(arch="mixer", n_layers=1, dim=8, hidden_dim=16, hyper_dim=4, context_length=10,

@@ -19,7 +19,7 @@ PUBLISHED = {
 
 
 def llama_formula(m) -> int:
-    """SPEC.md's closed form, independent of the module code."""
+    """The published architectures' closed form, independent of the module code."""
     hd, kv, hidden = m.resolved_head_dim(), m.resolved_kv_heads(), m.resolved_hidden_dim()
     layer = m.dim * (m.n_heads * hd) + 2 * m.dim * (kv * hd) + (m.n_heads * hd) * m.dim + 3 * m.dim * hidden + 2 * m.dim
     layer += hidden if m.w1_bias else 0
@@ -94,6 +94,7 @@ def test_recipes_command_lists_every_recipe(capsys):
 
 def test_every_recipe_has_all_sections():
     import tomllib
+
     from tinylm.recipe import recipe_text
 
     for name in recipe_names():

@@ -10,10 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tinylm.corpus import read_stories
+from tinylm.data.corpus import read_stories
+from tinylm.data.tokenizer import load_tokenizer, tokenizer_stats
+from tinylm.data.tokenizer_training import build_tokenizer
 from tinylm.errors import TinylmError
 from tinylm.recipe import TokenizerConfig, load_recipe
-from tinylm.tokenizer import build_tokenizer, load_tokenizer, tokenizer_stats
 
 SAMPLE = Path("../shared/data/tinystories/TinyStories-train-sample-2995stories.txt.gz")
 ODD = ["", " ", "a", "Once upon a time", "  two leading, trailing two  ", "tab\there\n\nnew para\n",

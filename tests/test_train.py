@@ -17,20 +17,22 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import set_args, tiny_overrides
 from tinylm import cli
-from tinylm.checkpoint import load_run_model, load_state, step_checkpoints
 from tinylm.errors import TinylmError
-from tinylm.files import verify_manifest, write_manifest
 from tinylm.models import build_model
 from tinylm.recipe import TrainConfig, load_recipe
-from tinylm.schedule import learning_rate
-from tinylm.train import Context, build_optimizer, prepare_run_data, train
+from tinylm.runs.loading import load_run_model
+from tinylm.storage.atomic import verify_manifest, write_manifest
+from tinylm.storage.rundir import RunDir
+from tinylm.train.checkpoints import load_state
+from tinylm.train.loop import prepare_run_data, train
+from tinylm.train.runtime import Context, build_optimizer
+from tinylm.train.schedule import learning_rate
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny settings: a few milliseconds per step on a CPU.
-COMMON = ["data.max_stories=200", "train.batch_size=4", "train.max_steps=6", "train.log_interval=1",
-          "train.eval_interval=3", "train.checkpoint_interval=2", "train.eval_batches=2", "train.warmup_steps=2",
-          "model.context_length=32"]
+COMMON = [o for o in tiny_overrides(steps=6, eval_every=3, warmup=2) if not o.startswith("train.device")]
 TINY = {"llama2c-260k": COMMON + ["model.n_layers=2"], "micromixer-100k": COMMON}
 
 
@@ -39,7 +41,7 @@ def prepared(tmp_path_factory):
     """tokenizer.json + data/ for each tiny recipe, made once and copied into each run directory."""
     base = tmp_path_factory.mktemp("prepared")
     for name, overrides in TINY.items():
-        prepare_run_data(load_recipe(name, overrides), base / name, Context(), progress=False)
+        prepare_run_data(load_recipe(name, overrides), RunDir(base / name), Context(), progress=False)
     return base
 
 
@@ -57,7 +59,7 @@ def tiny(name: str, *extra: str):
 
 def weights(run: Path, which: str = "latest") -> dict[str, torch.Tensor]:
     return load_file(str(run / "checkpoints" / which / "model.safetensors")) if which != "latest" else \
-        load_file(str(step_checkpoints(run / "checkpoints")[-1] / "model.safetensors"))
+        load_file(str(RunDir(run).step_checkpoints()[-1] / "model.safetensors"))
 
 
 # ------------------------------------------------------------------------------------------------------ schedules
@@ -103,7 +105,7 @@ def test_parameter_groups_like_llama2c(capsys):
     recipe = load_recipe("simpler-llama-834k")
     optimizer = build_optimizer(build_model(recipe.model), recipe.train)
     out = capsys.readouterr().out
-    assert "num decayed parameter tensors: 29, with 832,128 parameters" in out  # SPEC.md's figures
+    assert "num decayed parameter tensors: 29, with 832,128 parameters" in out  # simpler-llama's published split
     assert "num non-decayed parameter tensors: 13, with 2,516 parameters" in out
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
@@ -180,17 +182,17 @@ def test_resume_is_bitwise_identical(prepared, tmp_path):
     recipe = tiny("llama2c-260k", "train.checkpoint_interval=100")  # dropout 0.05 stays on: RNG must resume too
     train(recipe, whole, progress=False)
     first = train(recipe, split, progress=False, stop_after=3)
-    assert first["step"] == 3 and first["stopped"] == "stop_after"
+    assert first.step == 3 and first.stopped == "stop_after"
     with pytest.raises(TinylmError, match="--resume"):
         train(recipe, split, progress=False)
     second = train(recipe, split, resume=True, progress=False)
-    assert second["step"] == 6
+    assert second.step == 6
     wa, wb = weights(whole), weights(split)
     assert wa.keys() == wb.keys()
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
-    sa = load_state(step_checkpoints(whole / "checkpoints")[-1])["optimizer"]["state"]
-    sb = load_state(step_checkpoints(split / "checkpoints")[-1])["optimizer"]["state"]
+    sa = load_state(RunDir(whole).step_checkpoints()[-1])["optimizer"]["state"]
+    sb = load_state(RunDir(split).step_checkpoints()[-1])["optimizer"]["state"]
     for index in sa:
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(sa[index][key], sb[index][key])
@@ -215,10 +217,10 @@ def test_metrics_logs_and_checkpoint_rotation(prepared, tmp_path, capsys):
     assert train_points[-1]["tokens"] == 6 * 128 and train_points[0]["lr"] == pytest.approx(1.5e-4)
     assert [r["step"] for r in val_points] == [0, 3, 6]
     assert all(r["val_bpb"] > 0 for r in val_points)
-    assert [p.name for p in step_checkpoints(run / "checkpoints")] == ["step-00000004", "step-00000006"]
+    assert [p.name for p in RunDir(run).step_checkpoints()] == ["step-00000004", "step-00000006"]
     best = min(val_points[1:], key=lambda r: r["val_loss"])
     assert json.loads((run / "checkpoints/best/manifest.json").read_text())["step"] == best["step"]
-    assert summary["best_val_loss"] == pytest.approx(best["val_loss"])
+    assert summary.best_val_loss == pytest.approx(best["val_loss"])
     model, recipe, tokenizer = load_run_model(run, "latest")
     assert not model.training and recipe.name == "micromixer-100k" and tokenizer.vocab_size == 256
 
@@ -226,8 +228,8 @@ def test_metrics_logs_and_checkpoint_rotation(prepared, tmp_path, capsys):
 def test_max_minutes_stops_with_a_checkpoint(prepared, tmp_path):
     run = new_run(prepared, tmp_path, "micromixer-100k")
     summary = train(tiny("micromixer-100k", "train.max_minutes=1e-6", "train.max_steps=1000"), run, progress=False)
-    assert summary["stopped"] == "max_minutes" and summary["step"] == 1
-    assert [p.name for p in step_checkpoints(run / "checkpoints")] == ["step-00000001"]
+    assert summary.stopped == "max_minutes" and summary.step == 1
+    assert [p.name for p in RunDir(run).step_checkpoints()] == ["step-00000001"]
 
 
 def test_nan_loss_stops_with_exit_2_and_keeps_the_last_checkpoint(prepared, tmp_path, monkeypatch, capsys):
@@ -246,12 +248,11 @@ def test_nan_loss_stops_with_exit_2_and_keeps_the_last_checkpoint(prepared, tmp_
         return logits, loss
 
     monkeypatch.setattr(MicroMixer, "forward", poisoned)
-    args = ["train", "micromixer-100k", "--out", str(run), "--quiet"] + [w for o in TINY["micromixer-100k"]
-                                                                         for w in ("--set", o)]
+    args = ["train", "micromixer-100k", "--out", str(run), "--quiet"] + set_args(TINY["micromixer-100k"])
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "loss is nan at step 3" in err[0] and "step-00000002" in err[0]
-    assert [p.name for p in step_checkpoints(run / "checkpoints")] == ["step-00000002"]
+    assert [p.name for p in RunDir(run).step_checkpoints()] == ["step-00000002"]
     verify_manifest(run / "checkpoints" / "step-00000002")
 
 
@@ -260,7 +261,7 @@ def test_sigint_writes_a_checkpoint(prepared, tmp_path):
     overrides = TINY["micromixer-100k"] + ["train.max_steps=100000", "train.checkpoint_interval=100000",
                                            "train.eval_interval=100000", "train.log_interval=1"]
     command = [sys.executable, "-m", "tinylm.cli", "train", "micromixer-100k", "--out", str(run), "--quiet"]
-    command += [w for o in overrides for w in ("--set", o)]
+    command += set_args(overrides)
     env = {**os.environ, "TINYLM_PEAK_FLOPS": "1e11"}
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run / "metrics.jsonl"
@@ -272,7 +273,7 @@ def test_sigint_writes_a_checkpoint(prepared, tmp_path):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    found = step_checkpoints(run / "checkpoints")
+    found = RunDir(run).step_checkpoints()
     assert len(found) == 1
     step = verify_manifest(found[-1])["step"]
     assert step >= 3 and load_state(found[-1])["step"] == step
@@ -290,7 +291,7 @@ def trained(prepared, tmp_path_factory):
 def _damaged_copy(trained: Path, tmp_path: Path) -> tuple[Path, Path]:
     run = tmp_path / "copy"
     shutil.copytree(trained, run)
-    return run, step_checkpoints(run / "checkpoints")[-1]
+    return run, RunDir(run).step_checkpoints()[-1]
 
 
 def test_refuses_a_bad_checksum(trained, tmp_path):
@@ -347,5 +348,5 @@ def test_train_cli_bad_input_exits_2(tmp_path, capsys, args, message):
 def test_train_cli_refuses_a_changed_recipe_on_resume(trained, tmp_path, capsys):
     run, _ = _damaged_copy(trained, tmp_path)
     args = ["train", "micromixer-100k", "--out", str(run), "--resume", "--quiet", "--set", "model.dim=64"]
-    assert cli.main(args + [w for o in TINY["micromixer-100k"] for w in ("--set", o)]) == 2
+    assert cli.main(args + set_args(TINY["micromixer-100k"])) == 2
     assert "different [model] section" in capsys.readouterr().err

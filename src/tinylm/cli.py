@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import TinylmError
+from tinylm import __version__
+from tinylm.errors import TinylmError
+from tinylm.export import FORMATS
 
 
 def add_overrides(parser: argparse.ArgumentParser) -> None:
@@ -28,13 +30,13 @@ def overrides_words(overrides: list[str]) -> list[str]:
 
 
 def cmd_recipes(args) -> int:
-    from .recipe import load_recipe, recipe_names, recipe_text
+    from tinylm.recipe import load_recipe, recipe_names, recipe_text
 
     if args.name:
         load_recipe(args.name)  # validate before printing
         print(recipe_text(args.name), end="")
         return 0
-    from .models import build_model, count_parameters
+    from tinylm.models import build_model, count_parameters
 
     print(f"{'recipe':<20} {'parameters':>13}  source")
     for name in recipe_names():
@@ -45,8 +47,8 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_params(args) -> int:
-    from .models import build_model, count_parameters
-    from .recipe import load_recipe
+    from tinylm.models import build_model, count_parameters
+    from tinylm.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     count = count_parameters(build_model(recipe.model, device="meta"))
@@ -61,63 +63,24 @@ def cmd_params(args) -> int:
     return 0
 
 
-def _write_run_recipe(run, recipe) -> None:
-    """RUN/recipe.toml records the resolved recipe; an existing one is left as it is."""
-    from pathlib import Path
-
-    from .files import atomic_write_text
-    from .recipe import recipe_to_toml
-
-    path = Path(run) / "recipe.toml"
-    if not path.exists():
-        atomic_write_text(path, recipe_to_toml(recipe))
-
-
 def cmd_tokenizer_train(args) -> int:
-    import time
-    from pathlib import Path
+    from tinylm.data.prepare import train_run_tokenizer
+    from tinylm.recipe import load_recipe
+    from tinylm.storage.rundir import RunDir
 
-    from .corpus import train_tokenizer
-    from .recipe import load_recipe
-    from .tokenizer import load_tokenizer
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    path = Path(args.out) / "tokenizer.json"
-    started = time.perf_counter()
-    tokenizer, corpus = train_tokenizer(recipe)
-    if path.exists() and not args.force and load_tokenizer(path).fingerprint() != tokenizer.fingerprint():
-        raise TinylmError(f"{path} exists and holds a different tokenizer; pass --force to replace it "
-                          "(shards and checkpoints made with the old one stop matching)")
-    tokenizer.save(path)
-    _write_run_recipe(args.out, recipe)
-    source = f" from {len(corpus.stories):,} stories" if corpus is not None else ""
-    print(f"{tokenizer.kind} tokenizer, {tokenizer.vocab_size:,} ids{source} in {time.perf_counter() - started:.1f} s"
-          f" -> {path}")
-    print(f"special ids: {tokenizer.special_ids or 'none'}")
+    run = RunDir(args.out)
+    made = train_run_tokenizer(load_recipe(args.recipe, args.overrides), run, force=args.force)
+    source = f" from {made.stories:,} stories" if made.stories is not None else ""
+    print(f"{made.tokenizer.kind} tokenizer, {made.tokenizer.vocab_size:,} ids{source} in {made.seconds:.1f} s -> "
+          f"{run.tokenizer_file}")
+    print(f"special ids: {made.tokenizer.special_ids or 'none'}")
     return 0
 
 
 def cmd_tokenizer_stats(args) -> int:
-    from pathlib import Path
+    from tinylm.data.prepare import measure_tokenizer
 
-    from .corpus import load_corpus, split_stories, train_tokenizer
-    from .recipe import load_recipe
-    from .tokenizer import load_tokenizer, tokenizer_stats
-
-    target = Path(args.target)
-    if target.is_dir() and (target / "tokenizer.json").is_file():
-        if not (target / "recipe.toml").is_file():
-            raise TinylmError(f"{target} has no recipe.toml, so its data is unknown")
-        recipe = load_recipe(str(target / "recipe.toml"), args.overrides)
-        tokenizer, corpus = load_tokenizer(target), load_corpus(recipe.data)
-    else:
-        recipe = load_recipe(args.target, args.overrides)
-        tokenizer, corpus = train_tokenizer(recipe)
-        corpus = corpus if corpus is not None else load_corpus(recipe.data)
-    _, val = split_stories(corpus.stories, recipe.data.val_fraction, recipe.data.split_seed)
-    if not val:
-        raise TinylmError("the validation split is empty: add data or raise data.val_fraction")
-    s = tokenizer_stats(tokenizer, val)
+    tokenizer, s = measure_tokenizer(args.target, args.overrides)
     print(f"{tokenizer.kind} tokenizer, {tokenizer.vocab_size:,} ids; validation split: {s['n_texts']:,} stories, "
           f"{s['n_bytes']:,} bytes, {s['n_tokens']:,} tokens")
     print(f"bytes per token:  {s['bytes_per_token']:.3f}")
@@ -129,26 +92,24 @@ def cmd_tokenizer_stats(args) -> int:
 
 
 def cmd_data_prepare(args) -> int:
-    from pathlib import Path
-
-    from .pipeline import prepare_run
-    from .recipe import load_recipe
+    from tinylm.data.prepare import prepare_run_inputs
+    from tinylm.recipe import load_recipe
+    from tinylm.storage.rundir import RunDir
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run = Path(args.out)
-    tokenizer, meta = prepare_run(recipe, run, progress=not args.quiet)
-    print(f"tokenizer: {run / 'tokenizer.json'} ({tokenizer.kind}, {tokenizer.vocab_size:,} ids)")
-    _write_run_recipe(run, recipe)
-    for split in ("train", "val"):
-        m = meta[split]
-        print(f"{split:>5}: {m['n_stories']:>9,} stories {m['n_tokens']:>13,} tokens {m['n_bytes']:>14,} bytes "
-              f"({m['n_bytes'] / max(1, m['n_tokens']):.2f} bytes/token)")
-    print(f"from {len(meta['files'])} file(s); {meta['duplicates']:,} duplicate stories dropped, "
-          f"{meta['replaced_bytes']:,} undecodable bytes replaced; framing {meta['framing']}, {meta['dtype']}")
-    if meta["reused"]:
-        print(f"reused the shards in {run / 'data'} (same tokenizer and corpus) in {meta['seconds']:.1f} s")
+    run = RunDir(args.out)
+    data = prepare_run_inputs(recipe, run, progress=not args.quiet)
+    print(f"tokenizer: {run.tokenizer_file} ({data.tokenizer.kind}, {data.tokenizer.vocab_size:,} ids)")
+    run.write_recipe(recipe)
+    for name, split in (("train", data.train), ("val", data.val)):
+        print(f"{name:>5}: {split.stories:>9,} stories {split.tokens:>13,} tokens {split.bytes:>14,} bytes "
+              f"({split.bytes / max(1, split.tokens):.2f} bytes/token)")
+    print(f"from {len(data.files)} file(s); {data.duplicates:,} duplicate stories dropped, "
+          f"{data.replaced_bytes:,} undecodable bytes replaced; framing {data.framing}, {data.dtype}")
+    if data.reused:
+        print(f"reused the shards in {run.data_dir} (same tokenizer and corpus) in {data.seconds:.1f} s")
     else:
-        print(f"wrote {run / 'data'} in {meta['seconds']:.1f} s")
+        print(f"wrote {run.data_dir} in {data.seconds:.1f} s")
     return 0
 
 
@@ -157,8 +118,8 @@ def cmd_train(args) -> int:
     import shlex
     from pathlib import Path
 
-    from .recipe import load_recipe
-    from .train import train
+    from tinylm.recipe import load_recipe
+    from tinylm.train import train
 
     recipe = load_recipe(args.recipe, args.overrides)
     run = Path(args.out or Path("runs") / recipe.name)
@@ -168,29 +129,26 @@ def cmd_train(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
         words = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')}", "-m", "tinylm.cli",
                  *words[1:]]
-    command = shlex.join(words)
-    summary = train(recipe, run, resume=args.resume, command=command, progress=not args.quiet,
+    summary = train(recipe, run, resume=args.resume, command=shlex.join(words), progress=not args.quiet,
                     stop_after=args.stop_after)
-    best = summary["best_val_loss"]
-    if summary["rank"] == 0:
-        print(f"{run}: step {summary['step']} ({summary['stopped']}), {summary['tokens']:,} tokens"
-              + (f", best val loss {best:.4f}" if best is not None else ""))
+    if summary.rank == 0:
+        best = f", best val loss {summary.best_val_loss:.4f}" if summary.best_val_loss is not None else ""
+        print(f"{run}: step {summary.step} ({summary.stopped}), {summary.tokens:,} tokens{best}")
     return 0
 
 
 def cmd_eval(args) -> int:
     import json
 
-    from .evaluate import evaluate_path, format_result
+    from tinylm.runs.evaluate import evaluate_path
 
     result = evaluate_path(args.run, which=args.checkpoint, data_dir=args.data, batch_size=args.batch_size)
     if args.json:
         keys = ("loss", "perplexity", "bits_per_byte", "tokens", "bytes", "checkpoint")
-        print(json.dumps({k: result[k] for k in keys}))
+        print(json.dumps({k: getattr(result, k) for k in keys}))
     else:
-        print(format_result(result))
+        print(result.line())
     return 0
-
 
 
 def _unescape(text: str) -> str:
@@ -198,27 +156,19 @@ def _unescape(text: str) -> str:
 
 
 def cmd_sample(args) -> int:
-    from .data import frame_prefix
-    from .export import load_model_dir
-    from .generate import generate_text, recipe_sampling
-    from .recipe import validate_sampling
+    from tinylm.data.shards import frame_prefix
+    from tinylm.infer.engine import generate_text
+    from tinylm.models import resolve_device
+    from tinylm.runs.loading import load_model
 
-    if args.device != "cpu":
-        import torch
-
-        if not args.device.startswith("cuda"):
-            raise TinylmError(f"--device must be cpu or cuda[:N], got '{args.device}'")
-        if not torch.cuda.is_available():
-            raise TinylmError("--device cuda: no CUDA device is available")
-    model, recipe, tokenizer = load_model_dir(args.model, args.checkpoint, device=args.device)
-    settings = recipe_sampling(recipe.sample)
-    for key in settings:
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    validate_sampling(**settings)
+    device = resolve_device(args.device)
+    model, recipe, tokenizer = load_model(args.model, args.checkpoint, device=device)
+    sampling = recipe.sample.settings.with_changes(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty)
     prompts = args.prompt if args.prompt is not None else recipe.sample.prompts
-    stop = [_unescape(s) for s in args.stop]
-    prefix = frame_prefix(tokenizer, recipe.data.framing)
+    options = dict(prefix=frame_prefix(tokenizer, recipe.data.framing), stop=[_unescape(s) for s in args.stop],
+                   seed=args.seed)
     if len(prompts) == 1:  # one prompt: stream its text as it comes (the prompt first, once it is accepted)
         shown = []
 
@@ -226,43 +176,37 @@ def cmd_sample(args) -> int:
             print(("" if shown else prompts[0]) + text, end="", flush=True)
             shown.append(True)
 
-        generate_text(model, tokenizer, prompts, prefix=prefix, stop=stop, seed=args.seed, stream=show, **settings)
+        generate_text(model, tokenizer, prompts, sampling, stream=show, **options)
         print("" if shown else prompts[0])
         return 0
-    for i, (prompt, text) in enumerate(zip(prompts, generate_text(model, tokenizer, prompts, prefix=prefix,
-                                                                 stop=stop, seed=args.seed, **settings))):
+    texts = generate_text(model, tokenizer, prompts, sampling, **options)
+    for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
         print(("\n" if i else "") + prompt + text)
     return 0
 
 
 def cmd_export(args) -> int:
-    from pathlib import Path
+    from tinylm.runs.publish import export_run
 
-    from .export import export
-
-    out = Path(args.out) if args.out else Path(args.run) / args.format
-    for line in export(args.run, args.format, out, which=args.checkpoint):
+    for line in export_run(args.run, args.format, args.out, which=args.checkpoint):
         print(line)
     return 0
 
 
 def cmd_card(args) -> int:
-    from pathlib import Path
-
-    from .card import write_card
-    from .checkpoint import load_run_model
-    from .demo import write_samples
+    from tinylm.runs.card import write_card, write_samples
+    from tinylm.runs.loading import load_run_model
 
     samples = None
     if not args.no_samples:
         model, recipe, tokenizer = load_run_model(args.run, "best")
-        samples = write_samples(Path(args.run), recipe, model, tokenizer, seed=args.seed)
+        samples = write_samples(recipe, model, tokenizer, seed=args.seed)
     print(write_card(args.run, samples))
     return 0
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare_runs
+    from tinylm.runs.compare import compare_runs
 
     print(compare_runs(args.runs, args.plot))
     print(f"\nplot: {args.plot}")
@@ -271,28 +215,19 @@ def cmd_compare(args) -> int:
 
 def cmd_demo(args) -> int:
     import shlex
-    from pathlib import Path
 
-    from .demo import DEMO_RECIPE, run_demo
-    from .recipe import load_recipe
+    from tinylm.recipe import load_recipe
+    from tinylm.runs.demo import DEMO_RECIPE, run_demo
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run = Path(args.out)
-    if (run / "recipe.toml").exists() and not args.force:
-        raise TinylmError(f"{run} already holds a run; choose another --out or pass --force to train it again")
-    if args.force and run.exists():
-        import shutil
-
-        shutil.rmtree(run)
-    words = ["tinylm", "demo", "--out", str(run)] + (["--recipe", args.recipe] if args.recipe != DEMO_RECIPE else [])
+    words = ["tinylm", "demo", "--out", args.out] + (["--recipe", args.recipe] if args.recipe != DEMO_RECIPE else [])
     words += overrides_words(args.overrides)
-    run_demo(recipe, run, command=shlex.join(words), progress=not args.quiet)
+    run_demo(recipe, args.out, command=shlex.join(words), progress=not args.quiet, force=args.force)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tinylm", description="Build tiny language models on TinyStories.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_setup_commands(commands) -> None:
+    """Recipes, parameter counts, tokenizers and token shards."""
 
     p = commands.add_parser("recipes", help="list the named recipes, or print one in full")
     p.add_argument("name", nargs="?", help="a recipe to print")
@@ -322,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_data_prepare)
 
+
+def _add_train_commands(commands) -> None:
+    """Training and evaluation."""
+
     p = commands.add_parser("train", help="train a recipe into a run directory (or continue one with --resume)")
     add_recipe_arguments(p)
     p.add_argument("--out", metavar="RUN", help="run directory (default runs/<recipe name>)")
@@ -334,11 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("eval", help="loss, perplexity and bits per byte on the whole validation split")
     p.add_argument("run", metavar="RUN", help="a run directory, a Hugging Face model directory or a hub model id "
                                               "(owner/name; needs --data)")
-    p.add_argument("--checkpoint", default="best", help="best (default), latest or step-NNNNNNNN")
+    p.add_argument("--checkpoint", default="best", help="for a run: best (default), latest or step-NNNNNNNN")
     p.add_argument("--data", metavar="DIR", help="the token shards to use (default RUN/data)")
-    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch (default: the recipe's)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per evaluation batch (default: the recipe's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
+
+
+def _add_use_commands(commands) -> None:
+    """Sampling and exports."""
 
     p = commands.add_parser(
         "sample", help="generate text from a run, a Hugging Face directory or a hub model id",
@@ -349,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "model id (owner/name, fetched into the hub cache)")
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="a prompt (repeatable; \"\" starts a story from BOS); default: the recipe's prompts")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int,
+                   help="most new tokens per prompt (default: the recipe's)")
     p.add_argument("--temperature", type=float, help="0 = greedy")
     p.add_argument("--top-k", dest="top_k", type=int, help="0 = off")
     p.add_argument("--top-p", dest="top_p", type=float, help="1 = off")
@@ -366,10 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
                             description="hf: a transformers directory (LlamaForCausalLM; MicroMixer runs get a "
                                         "directory only tinylm loads). llama2c: model.bin + tokenizer.bin for run.c.")
     p.add_argument("run", metavar="RUN", help="a run directory")
-    p.add_argument("--format", required=True, choices=("hf", "llama2c"))
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="hf: a Hugging Face directory; llama2c: model.bin + tokenizer.bin for run.c")
     p.add_argument("--out", metavar="DIR", help="output directory (default RUN/hf or RUN/llama2c)")
     p.add_argument("--checkpoint", default="best", help="best (default), latest or step-NNNNNNNN")
     p.set_defaults(func=cmd_export)
+
+
+def _add_report_commands(commands) -> None:
+    """Model cards, comparison and the demo."""
 
     p = commands.add_parser("card", help="write the model card (README.md), loss plot and samples from a run")
     p.add_argument("run", metavar="RUN", help="a run directory")
@@ -390,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinylm", description="Build tiny language models on TinyStories.")
+    parser.add_argument("--version", action="version", version=f"tinylm {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_setup_commands, _add_train_commands, _add_use_commands, _add_report_commands):
+        add(commands)
     return parser
 
 

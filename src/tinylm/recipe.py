@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from .errors import TinylmError
+from tinylm.errors import TinylmError
 
 
 @dataclass
@@ -103,15 +103,43 @@ class TrainConfig:
     max_minutes: float = 0.0  # 0 = no wall-clock budget
 
 
-@dataclass
-class SampleConfig:
+@dataclass(frozen=True)
+class Sampling:
+    """How each next token is chosen: one frozen object, checked when it is made, that recipes, the command line,
+    `generate` and the server all pass around. `with_changes` gives a checked copy."""
+
     max_new_tokens: int = 200
-    temperature: float = 0.8
+    temperature: float = 0.8  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     min_p: float = 0.0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off
+
+    def __post_init__(self):
+        _require(math.isfinite(self.temperature) and self.temperature >= 0,
+                 f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
+        _require(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        _require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _require(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
+        _require(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+                 f"repetition_penalty must be finite and > 0, got {self.repetition_penalty}")
+        _require(self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+
+    def with_changes(self, **changes) -> Sampling:
+        """A copy with the given settings changed (None leaves a setting as it is), checked again."""
+        kept = {f.name: getattr(self, f.name) for f in fields(Sampling)}
+        return Sampling(**{**kept, **{k: v for k, v in changes.items() if v is not None}})
+
+
+@dataclass(frozen=True)
+class SampleConfig(Sampling):
+    """The recipe's [sample] section: its sampling settings and the prompts of the model card's stories."""
+
     prompts: list[str] = field(default_factory=lambda: ["Once upon a time", "Lily and Ben", "The little dog"])
+
+    @property
+    def settings(self) -> Sampling:
+        return Sampling().with_changes(**{f.name: getattr(self, f.name) for f in fields(Sampling)})
 
 
 @dataclass
@@ -216,7 +244,10 @@ def _fill(cls, values: dict[str, Any], where: str):
         if key not in known:
             raise TinylmError(f"{where}.{_shown(key)}: unknown key (known: {', '.join(sorted(known))})")
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except TinylmError as exc:  # a section that checks itself (sampling): name the section
+        raise TinylmError(f"{where}.{exc}") from None
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -257,7 +288,7 @@ def _choice(value: str, options: tuple[str, ...], where: str) -> None:
 
 def validate(recipe: Recipe) -> None:
     """Reject impossible configurations once, at the edge, with the field named."""
-    m, t, d, tr, s = recipe.model, recipe.tokenizer, recipe.data, recipe.train, recipe.sample
+    m, t, d, tr = recipe.model, recipe.tokenizer, recipe.data, recipe.train
     _choice(m.arch, ("llama", "mixer"), "model.arch")
     for name in ("n_layers", "dim", "n_heads", "context_length", "vocab_size", "multiple_of", "hyper_dim"):
         _require(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
@@ -315,20 +346,6 @@ def validate(recipe: Recipe) -> None:
     _choice(tr.device, ("auto", "cpu", "cuda"), "train.device")
     _choice(tr.dtype, ("auto", "float32", "bfloat16"), "train.dtype")
     _require(tr.max_minutes >= 0, f"train.max_minutes must be >= 0, got {tr.max_minutes}")
-    validate_sampling(s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty, s.max_new_tokens, "sample.")
-
-
-def validate_sampling(temperature: float, top_k: int, top_p: float, min_p: float, repetition_penalty: float,
-                      max_new_tokens: int, prefix: str = "") -> None:
-    """Shared by recipes and the `sample` command-line flags."""
-    _require(math.isfinite(temperature) and temperature >= 0,
-             f"{prefix}temperature must be >= 0 (0 = greedy), got {temperature}")
-    _require(top_k >= 0, f"{prefix}top_k must be >= 0 (0 = off), got {top_k}")
-    _require(0 < top_p <= 1, f"{prefix}top_p must be in (0, 1], got {top_p}")
-    _require(0 <= min_p <= 1, f"{prefix}min_p must be in [0, 1], got {min_p}")
-    _require(math.isfinite(repetition_penalty) and repetition_penalty > 0,
-             f"{prefix}repetition_penalty must be > 0, got {repetition_penalty}")
-    _require(max_new_tokens >= 0, f"{prefix}max_new_tokens must be >= 0, got {max_new_tokens}")
 
 
 def recipe_to_toml(recipe: Recipe) -> str:

@@ -1,5 +1,13 @@
-"""One model interface for every architecture: `build_model(config)` gives an nn.Module with
-`forward(ids, targets=None, cache=None) -> (logits, loss)`, `new_cache(batch_size, ...)` and `unembedding_matrix()`."""
+"""One model interface for every architecture. `build_model(config)` gives an nn.Module with:
+
+- `forward(ids, targets=None, cache=None, return_logits=True) -> (logits, loss)`;
+- `new_cache(batch_size, max_len)` (its `keep_rows(rows)` drops finished rows) and `decode_step(fast)`, a
+  one-token step for the sampling engine;
+- `unembedding_matrix()`, `max_positions`, `flops_per_token()` (training FLOPs, for MFU);
+- `family`, `describe()` and `detail_rows()` for model cards; `transformers_model_type` (None: no transformers
+  class, so exports are tinylm's own).
+Everything that differs between architectures lives here: a new one is a module and a line in ARCHITECTURES.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +17,40 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..recipe import ModelConfig
-from .cache import KVCache, MixerState
-from .llama import Llama
-from .ops import IGNORE_INDEX
-from .mixer import MicroMixer
+from tinylm.errors import TinylmError
+from tinylm.models.cache import KVCache, MixerState
+from tinylm.models.llama import Llama
+from tinylm.models.mixer import MicroMixer
+from tinylm.models.ops import IGNORE_INDEX
+from tinylm.recipe import ModelConfig
+
+ARCHITECTURES = {"llama": Llama, "mixer": MicroMixer}  # recipe model.arch -> class
 
 __all__ = ["build_model", "count_parameters", "ParameterCount", "KVCache", "MixerState", "IGNORE_INDEX",
-           "Llama", "MicroMixer", "decay_split"]
+           "Llama", "MicroMixer", "decay_split", "ARCHITECTURES", "resolve_device"]
 
 
 def build_model(config: ModelConfig, device: str | torch.device | None = None) -> nn.Module:
     """Build the architecture a recipe names; device="meta" allocates nothing (parameter counts of large models)."""
-    cls = {"llama": Llama, "mixer": MicroMixer}[config.arch]
+    cls = ARCHITECTURES[config.arch]
     if device is None:
         return cls(config)
     with torch.device(device):
         return cls(config)
+
+
+def resolve_device(name: str, what: str = "--device") -> torch.device:
+    """cpu, cuda or cuda:N as a device, refused in one line when it is malformed or not on this machine."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise TinylmError(f"{what} must be cpu or cuda[:N], got '{name}'")
+    if not torch.cuda.is_available():
+        raise TinylmError(f"{what} {name}: no CUDA device is available")
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise TinylmError(f"{what} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def decay_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -38,7 +63,7 @@ def decay_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter
 class ParameterCount:
     total: int
     embedding: int
-    by_module: "OrderedDict[str, int]"
+    by_module: OrderedDict[str, int]
     decayed: int
     decayed_tensors: int
     not_decayed: int

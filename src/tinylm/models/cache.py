@@ -9,8 +9,7 @@ import torch
 class KVCache:
     """Preallocated keys and values for every layer. Values are (layers, batch, kv_heads, max_len, head_dim); keys
     are stored transposed, (layers, batch, kv_heads, head_dim, max_len), so that a one-token query's scores are a
-    product with positions along rows: on a CPU at batch 64 that product takes 35-45% less time than with the other
-    layout."""
+    product with positions along rows, the faster layout for small batched products on a CPU (docs/RESULTS.md)."""
 
     def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, device, dtype):
         self.keys = torch.zeros((n_layers, batch_size, n_kv_heads, head_dim, max_len), device=device, dtype=dtype)
@@ -31,6 +30,10 @@ class KVCache:
     def advance(self, length: int) -> None:
         self.pos += length
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (finished rows leave the batch)."""
+        self.keys, self.values = self.keys.index_select(1, rows), self.values.index_select(1, rows)
+
 
 class MixerState:
     """MicroMixer's running sums of LN1(x), one (batch, H) fp32 tensor per layer: O(1) work per new token."""
@@ -41,3 +44,6 @@ class MixerState:
 
     def advance(self, length: int) -> None:
         self.pos += length
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        self.sums = self.sums.index_select(1, rows)

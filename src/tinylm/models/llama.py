@@ -12,10 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..recipe import ModelConfig
-from .cache import KVCache
-from .ops import IGNORE_INDEX, linear_cross_entropy, project
-
+from tinylm.models import rope
+from tinylm.models.cache import KVCache
+from tinylm.models.decode import fast_llama, forward_step
+from tinylm.models.ops import lm_head, normal_init, project
+from tinylm.recipe import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -29,24 +30,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
-
-
-def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
-    head_dim = config.resolved_head_dim()
-    base = config.rope_theta
-    if config.rope_scaling == "ntk":
-        # NTK-aware scaling stretches the base so the lowest frequency covers factor x the trained context.
-        base = base * config.rope_scaling_factor ** (head_dim / (head_dim - 2))
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if config.rope_scaling == "linear":
-        inv_freq = inv_freq / config.rope_scaling_factor  # positions squeezed by the factor
-    return inv_freq
-
-
-def max_positions(config: ModelConfig) -> int:
-    if config.rope_scaling == "none":
-        return config.context_length
-    return int(config.context_length * config.rope_scaling_factor)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -120,6 +103,9 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
+    family = "llama"
+    transformers_model_type = "llama"  # transformers' LlamaForCausalLM computes exactly this model
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -129,19 +115,15 @@ class Llama(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # Tied and pinv heads own no matrix of their own; untied has one.
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False) if config.unembedding == "untied" else None
-        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
-        self.max_positions = max_positions(config)
+        self.register_buffer("inv_freq", rope.decoder_inverse_frequencies(config), persistent=False)
+        self.max_positions = rope.max_positions(config)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """N(0, 0.02) everywhere, N(0, 0.02/sqrt(2L)) on each residual branch's output projection.
 
         nanoGPT scales the true output projections (wo, w2); llama2.c scales wo and w3, which we take for a slip."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+        normal_init(self)
         branch_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for layer in self.layers:
             nn.init.normal_(layer.attention.wo.weight, mean=0.0, std=branch_std)
@@ -159,10 +141,38 @@ class Llama(nn.Module):
     def rope_tables(self, start: int, length: int, dtype: torch.dtype):
         if start + length > self.max_positions:
             raise ValueError(f"positions up to {start + length} exceed the model's {self.max_positions}")
-        positions = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inv_freq)
+        angles = rope.angles(start, length, self.inv_freq)
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def describe(self) -> str:
+        c = self.config
+        head = {"tied": "tied embeddings", "untied": "untied embeddings",
+                "pinv": "unembedding = pseudo-inverse of the embedding"}[c.unembedding]
+        attention = "grouped-query" if c.resolved_kv_heads() != c.n_heads else "multi-head"
+        scaling = f", {c.rope_scaling} scaling x{c.rope_scaling_factor:g}" if c.rope_scaling != "none" else ""
+        return (f"LLaMA-style decoder: RMSNorm, SwiGLU, RoPE base {c.rope_theta:g}{scaling}, {attention} attention, "
+                f"{head}")
+
+    def detail_rows(self) -> list[tuple[str, str]]:
+        c = self.config
+        return [("SwiGLU hidden", str(c.resolved_hidden_dim())),
+                ("heads / KV heads", f"{c.n_heads} / {c.resolved_kv_heads()} (head_dim {c.resolved_head_dim()})")]
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token, forward + backward = 3x forward (PaLM, Chowdhery et al. 2022, appendix B):
+        6 N + 12 L (n_heads head_dim) T. N counts the parameters that multiply activations (an untied input table is
+        a lookup; a tied or pinv head is counted once, through the embedding); the attention term counts the full
+        T x T score matrix, as nanoGPT does."""
+        c = self.config
+        multiplying = sum(p.numel() for p in self.parameters())
+        if self.output is not None:
+            multiplying -= self.tok_embeddings.weight.numel()
+        return 6.0 * multiplying + 12 * c.n_layers * c.n_heads * c.resolved_head_dim() * c.context_length
+
+    def decode_step(self, fast: bool = True):
+        """step(ids, cache) -> next-token logits for one id per row: the fused FastLlama step, or model.forward."""
+        return fast_llama(self).step if fast else forward_step(self)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
         weight = self.tok_embeddings.weight
@@ -183,13 +193,4 @@ class Llama(nn.Module):
             x = layer(x, cos, sin, cache, index)
         if cache is not None:
             cache.advance(ids.shape[1])
-        h = self.norm(x)
-        unembedding = self.unembedding_matrix()
-        h = h.to(unembedding.dtype)
-        if targets is not None and not return_logits:
-            return None, linear_cross_entropy(h.flatten(0, 1), unembedding, targets.flatten())
-        logits = F.linear(h, unembedding)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return logits, loss
+        return lm_head(self.norm(x), self.unembedding_matrix(), targets, return_logits)

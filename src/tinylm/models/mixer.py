@@ -1,4 +1,4 @@
-"""MicroMixer: an attention-free, byte-level MLP mixer (SPEC.md section 2).
+"""MicroMixer: an attention-free, byte-level MLP mixer (the MicroMixer models' cards: 100K to 1M parameters).
 
 Token mixing is HyperMix: a hypernetwork reads the causal running mean of the layer's input and emits a per-channel
 scale and shift. Causality comes only from that running mean, which also makes decoding O(1) per token: the state is
@@ -11,9 +11,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..recipe import ModelConfig
-from .cache import MixerState
-from .ops import IGNORE_INDEX, linear_cross_entropy
+from tinylm.models import rope
+from tinylm.models.cache import MixerState
+from tinylm.models.decode import forward_step
+from tinylm.models.ops import lm_head, normal_init
+from tinylm.recipe import ModelConfig
 
 
 def embedding_rotation(x: torch.Tensor, start: int, mode: str) -> torch.Tensor:
@@ -23,10 +25,7 @@ def embedding_rotation(x: torch.Tensor, start: int, mode: str) -> torch.Tensor:
     different angles (not norm-preserving). "standard" turns both members of a pair by the same angle."""
     if mode == "none":
         return x
-    dim = x.shape[-1]
-    freqs = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim))
-    positions = torch.arange(start, start + x.shape[1], device=x.device, dtype=torch.float32)
-    base = torch.outer(positions, freqs)
+    base = rope.angles(start, x.shape[1], rope.inverse_frequencies(x.shape[-1], 10000.0, device=x.device))
     angles = torch.cat((base, base), dim=-1) if mode == "quirk" else base.repeat_interleave(2, dim=-1)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     rotated = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
@@ -78,6 +77,9 @@ class MixerLayer(nn.Module):
 
 
 class MicroMixer(nn.Module):
+    family = "micromixer"
+    transformers_model_type = None  # no transformers class: exports are read by tinylm
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -89,14 +91,26 @@ class MicroMixer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+        normal_init(self)
 
     def unembedding_matrix(self) -> torch.Tensor:
         return self.tok_embeddings.weight
+
+    def describe(self) -> str:
+        rotary = {"quirk": "the original's rotary quirk", "standard": "a standard rotary transform",
+                  "none": "no position transform"}[self.config.embedding_rotary]
+        return f"MicroMixer: attention-free MLP mixer with causal running-mean HyperMixing, {rotary} on the embeddings"
+
+    def detail_rows(self) -> list[tuple[str, str]]:
+        return [("channel MLP", str(self.config.resolved_hidden_dim())), ("hypernetwork", str(self.config.hyper_dim))]
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 N (every parameter multiplies; there is no attention term)."""
+        return 6.0 * sum(p.numel() for p in self.parameters())
+
+    def decode_step(self, fast: bool = True):
+        """step(ids, cache) -> next-token logits; the running-sum state already makes a step O(1)."""
+        return forward_step(self)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> MixerState:
         weight = self.tok_embeddings.weight
@@ -112,13 +126,6 @@ class MicroMixer(nn.Module):
             x = layer(x, cache, index)
         if cache is not None:
             cache.advance(ids.shape[1])
-        h = self.norm(x)
         # The layers stay on F.linear: with ops.project (oneDNN) on these widths, a resumed run was not bitwise equal
         # to an uninterrupted one across processes; the blocked loss keeps that guarantee (tests/test_crash.py).
-        if targets is not None and not return_logits:
-            return None, linear_cross_entropy(h.flatten(0, 1), self.tok_embeddings.weight, targets.flatten())
-        logits = F.linear(h, self.tok_embeddings.weight)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return logits, loss
+        return lm_head(self.norm(x), self.tok_embeddings.weight, targets, return_logits)

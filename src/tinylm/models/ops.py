@@ -8,8 +8,8 @@ decode step uses `onednn_packed`."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,8 @@ IGNORE_INDEX = -100
 
 
 # PyTorch's CPU matmul (MKL) runs AVX2 code on AMD processors; oneDNN's kernel, which PyTorch also ships, uses AVX-512
-# there and is measured 2.2x faster on this model's shapes. Training on a CPU in fp32 sends the projections (forward
+# there and is faster on these models' shapes (docs/RESULTS.md). Training on a CPU in fp32 sends the projections
+# (forward
 # and both backward products) through it. Inference, autocast, torch.compile and other devices keep F.linear.
 # TINYLM_ONEDNN=0 turns it off.
 _ONEDNN_MATMUL = None
@@ -64,8 +65,7 @@ _PACKED_LINEAR = None
 
 def onednn_packed() -> PackedLinear | None:
     """oneDNN's packed-weight linears in fp32 on a CPU, or None where this PyTorch lacks them or they disagree with mm.
-    On aurelius-4m's shapes they take 16% less time than the unpacked oneDNN matmul at 64 rows and 25% less at 8,
-    and from 4 rows up less than torch.mm."""
+    From a few rows up they beat both the unpacked oneDNN matmul and torch.mm (docs/RESULTS.md)."""
     global _PACKED_LINEAR
     if _PACKED_LINEAR is None:
         _PACKED_LINEAR = _checked_onednn(_build_packed_linear) or False
@@ -192,6 +192,30 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     block = max(64, budget // weight.shape[0])
     matmul_nt = onednn_matmul() if _cpu_training(hidden, weight) else _matmul_nt
     return _LinearCrossEntropy.apply(hidden, weight, targets, block, matmul_nt)
+
+
+def lm_head(h: torch.Tensor, unembedding: torch.Tensor, targets: torch.Tensor | None, return_logits: bool):
+    """Both architectures' last step: (logits, loss) from the final hidden states. Training passes
+    return_logits=False: the loss is then computed a block of rows at a time (linear_cross_entropy) and the logits,
+    the largest tensors of a step, come back as None."""
+    h = h.to(unembedding.dtype)
+    if targets is not None and not return_logits:
+        return None, linear_cross_entropy(h.flatten(0, 1), unembedding, targets.flatten())
+    logits = F.linear(h, unembedding)
+    loss = None
+    if targets is not None:
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return logits, loss
+
+
+def normal_init(model: nn.Module, std: float = 0.02) -> None:
+    """GPT-2's initialisation (Radford et al. 2019), as nanoGPT and llama2.c use it: N(0, std) on every linear and
+    embedding weight, zero biases."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
 
 
 def _matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -24,20 +24,23 @@ from pathlib import Path
 
 import torch
 
-from .errors import TinylmError
-from .files import atomic_directory
-from .recipe import Recipe
+from tinylm.data.tokenizer import byte_to_unicode
+from tinylm.errors import TinylmError
+from tinylm.models import ARCHITECTURES, rope
+from tinylm.recipe import Recipe
+from tinylm.storage.atomic import atomic_directory
 
+RUN_C_ROPE_BASE = 10000.0
 UNREACHABLE = -1e10  # run.c merges only scores strictly above -1e10: these ids are never produced by a merge
 
 
 def llama2c_problems(recipe: Recipe) -> list[str]:
     """Why run.c cannot compute this recipe's model (empty when it can)."""
     m = recipe.model
-    if m.arch != "llama":
-        return ["llama2.c runs LLaMA-style decoders only, not MicroMixer"]
+    if ARCHITECTURES[m.arch].family != "llama":
+        return [f"llama2.c runs LLaMA-style decoders only, not {ARCHITECTURES[m.arch].__name__}"]
     problems = []
-    if m.rope_theta != 10000.0:
+    if m.rope_theta != RUN_C_ROPE_BASE:
         problems.append(f"run.c hard-codes RoPE base 10000 (this recipe: {m.rope_theta:g})")
     if m.rope_scaling != "none":
         problems.append(f"run.c has no RoPE scaling (this recipe: {m.rope_scaling})")
@@ -68,8 +71,7 @@ def write_model_bin(model, path: str | Path) -> None:
     def per_layer(name: str, fix=None) -> list[torch.Tensor]:
         return [fix(sd[f"layers.{i}.{name}"]) if fix else sd[f"layers.{i}.{name}"] for i in layers]
 
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-    angles = torch.outer(torch.arange(c.context_length, dtype=torch.float32), inv_freq)
+    angles = rope.angles(0, c.context_length, rope.inverse_frequencies(hd, RUN_C_ROPE_BASE))
     tensors = [sd["tok_embeddings.weight"], *per_layer("attention_norm.weight"),
                *per_layer("attention.wq.weight", lambda w: interleave_rope_rows(w, c.n_heads, hd)),
                *per_layer("attention.wk.weight", lambda w: interleave_rope_rows(w, kv, hd)),
@@ -88,8 +90,6 @@ def write_model_bin(model, path: str | Path) -> None:
 
 def tokenizer_bin_entries(tokenizer, vocab_size: int) -> list[tuple[bytes, float]]:
     """(bytes, score) for every model id: BPE tokens score -(merge rank); special and unused ids are unreachable."""
-    from .tokenizer import byte_to_unicode
-
     definition = json.loads(tokenizer.to_json())
     vocab: dict[str, int] = definition["model"].get("vocab") or {}
     byte_level = tokenizer.kind in ("bytes", "bpe", "gpt2")
@@ -124,7 +124,7 @@ def write_tokenizer_bin(tokenizer, vocab_size: int, path: str | Path) -> None:
 
 
 def export_llama2c_model(model, recipe: Recipe, tokenizer, out_dir: str | Path) -> list[str]:
-    """Write out_dir/model.bin and out_dir/tokenizer.bin; returns notes on what run.c will do differently."""
+    """Write out_dir/model.bin and out_dir/tokenizer.bin; returns lines worth printing (what run.c does differently)."""
     problems = llama2c_problems(recipe)
     if problems:
         raise TinylmError(f"recipe '{recipe.name}' cannot be exported for llama2.c: {'; '.join(problems)}")
@@ -136,15 +136,5 @@ def export_llama2c_model(model, recipe: Recipe, tokenizer, out_dir: str | Path) 
     with atomic_directory(out_dir) as tmp:
         write_model_bin(model, tmp / "model.bin")
         write_tokenizer_bin(tokenizer, recipe.model.vocab_size, tmp / "tokenizer.bin")
-    return notes
-
-
-def export_llama2c(run_dir: str | Path, out_dir: str | Path, which: str = "best") -> list[str]:
-    from .checkpoint import load_run_model, read_run_recipe
-
-    problems = llama2c_problems(read_run_recipe(run_dir))  # refuse before loading any weights
-    if problems:
-        raise TinylmError(f"{run_dir} cannot be exported for llama2.c: {'; '.join(problems)}")
-    model, recipe, tokenizer = load_run_model(run_dir, which)
-    return export_llama2c_model(model, recipe, tokenizer, out_dir)
-
+    return [f"wrote {out_dir}/model.bin and {out_dir}/tokenizer.bin for llama2.c's run.c",
+            *(f"note: {n}" for n in notes)]

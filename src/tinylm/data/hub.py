@@ -8,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import TinylmError
+from tinylm.errors import TinylmError
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # What tinylm reads from a model repository: configs, tokenizer and shard index (*.json), weights (only

@@ -7,18 +7,18 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
-from .corpus import Corpus, read_stories, resolve_data_files, split_stories
-from .errors import TinylmError
-from .files import atomic_directory, atomic_write_json, verify_manifest, write_manifest
-from .models import IGNORE_INDEX
-from .recipe import DataConfig, Recipe
-from .tokenizer import Tokenizer
+from tinylm.data.corpus import Corpus, read_stories, resolve_data_files, split_stories
+from tinylm.data.tokenizer import Tokenizer
+from tinylm.errors import TinylmError
+from tinylm.models import IGNORE_INDEX
+from tinylm.recipe import DataConfig, Recipe
+from tinylm.storage.atomic import atomic_directory, atomic_write_json, verify_manifest, write_manifest
 
 SHARD_FORMAT = 1
 ENCODE_CHUNK = 4096  # stories per encode_batch call: bounded memory, a moving progress bar
@@ -98,7 +98,8 @@ def prepare_data(recipe: Recipe, tokenizer: Tokenizer, data_dir: str | Path, pro
         return {**old, "reused": True, "seconds": time.perf_counter() - started}
     prefix = frame_prefix(tokenizer, config.framing)  # fails early when the tokenizer lacks the framing's ids
     corpus = corpus if corpus is not None else read_stories(files, config.max_stories)
-    splits = dict(zip(("train", "val"), split_stories(corpus.stories, config.val_fraction, config.split_seed)))
+    splits = dict(zip(("train", "val"), split_stories(corpus.stories, config.val_fraction, config.split_seed),
+                      strict=True))
     for name, stories in splits.items():
         if not stories:
             raise TinylmError(f"the {name} split is empty ({len(corpus.stories)} stories, data.val_fraction = "
@@ -205,7 +206,7 @@ class BatchSampler:
                               f"{self.span + 1}: add data or shorten the context")
         self.step = 0
 
-    def __iter__(self) -> "BatchSampler":
+    def __iter__(self) -> BatchSampler:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,11 +1,7 @@
-"""What training reports about itself: FLOPs per token and MFU, the llama2.c-style log line, metrics.jsonl, run.json.
+"""What training reports about itself: MFU, the llama2.c-style log line, metrics.jsonl and the hardware in run.json.
 
-FLOPs per token (training: forward + backward = 3x forward, PaLM appendix B, as llama2.c/nanoGPT estimate it):
-    6 * N  +  12 * L * (n_heads * head_dim) * T        (LLaMA; the attention term is omitted for MicroMixer)
-N counts every parameter that multiplies activations: all of them, except an untied model's input embedding table
-(a lookup, no multiply). The tied or pinv head is counted once, through the embedding. T is the context length; the
-attention term counts the full T x T score matrix, as nanoGPT does (a causal kernel does about half of it).
-MFU = achieved FLOP/s / peak FLOP/s. The peak on a GPU is the vendor's dense bf16 figure; on a CPU it is the measured
+MFU = achieved FLOP/s / peak FLOP/s, with each model's own count of training FLOPs per token
+(`model.flops_per_token()`). The peak on a GPU is the vendor's dense bf16 figure; on a CPU it is the measured
 fp32 rate of a large matmul on the same threads, the faster of torch.mm (MKL) and oneDNN's kernel (what the hardware
 gives PyTorch, not a datasheet number; on AMD processors MKL runs AVX2 code and oneDNN about twice as fast).
 TINYLM_PEAK_FLOPS overrides both.
@@ -23,27 +19,12 @@ from typing import Any
 
 import torch
 
-from .files import atomic_write_text
-from .recipe import ModelConfig
+from tinylm.models.ops import onednn_matmul
+from tinylm.storage.atomic import atomic_write_text
 
 # Dense bf16 tensor-core peaks (FLOP/s), by a substring of torch.cuda.get_device_name().
 GPU_BF16_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
                   "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
-
-
-def training_parameters(model: torch.nn.Module, config: ModelConfig) -> int:
-    total = sum(p.numel() for p in model.parameters())
-    if getattr(config, "unembedding", "tied") == "untied":
-        total -= model.tok_embeddings.weight.numel()
-    return total
-
-
-def flops_per_token(config: ModelConfig, n_params: int) -> float:
-    """Training FLOPs per token (see the module docstring)."""
-    attention = 0
-    if config.arch == "llama":
-        attention = 12 * config.n_layers * config.n_heads * config.resolved_head_dim() * config.context_length
-    return 6.0 * n_params + attention
 
 
 def matmul_rate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, size: int = 2048,
@@ -55,8 +36,6 @@ def matmul_rate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.f
     b = torch.randn(size, size, device=device, dtype=dtype)
     product = torch.mm
     if kernel == "onednn":
-        from .models.ops import onednn_matmul
-
         product = onednn_matmul()
         if product is None:
             return 0.0

@@ -11,24 +11,35 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from . import checkpoint as ckpt
-from .errors import TinylmError
-from .evaluate import eval_batch_size, loss_sums
-from .files import atomic_write_json, atomic_write_text, verify_manifest
-from .models import build_model
-from .monitor import (MetricsFile, flops_per_token, hardware_description, log_line, peak_flops,
-                      training_parameters)
-from .recipe import Recipe, recipe_to_toml
-from .rng import capture_rng, restore_rng, step_seed
-from .runtime import Context, StopRequest, accumulate_gradients, apply_update, build_optimizer, setup_context
-from .schedule import learning_rate
+from tinylm.data.prepare import prepare_run_inputs
+from tinylm.data.shards import BatchSampler, TokenShard, eval_batches
+from tinylm.data.tokenizer import Tokenizer, load_tokenizer
+from tinylm.errors import TinylmError
+from tinylm.models import build_model
+from tinylm.recipe import Recipe, recipe_to_toml
+from tinylm.storage.atomic import atomic_write_json, atomic_write_text, verify_manifest
+from tinylm.storage.rundir import RunDir, step_dir_name
+from tinylm.train import checkpoints as ckpt
+from tinylm.train.evaluation import bits_per_byte, eval_batch_size, loss_sums
+from tinylm.train.metrics import MetricsFile, hardware_description, log_line, peak_flops
+from tinylm.train.rng import capture_rng, restore_rng, step_seed
+from tinylm.train.runtime import (
+    Context,
+    StopRequest,
+    accumulate_gradients,
+    apply_update,
+    build_optimizer,
+    setup_context,
+)
+from tinylm.train.schedule import learning_rate
 
 
 def _rank0_first(ctx: Context, work):
@@ -47,87 +58,80 @@ def _rank0_first(ctx: Context, work):
         raise TinylmError(message)
 
 
-def prepare_run_data(recipe: Recipe, run: Path, ctx: Context, progress: bool):
+def prepare_run_data(recipe: Recipe, run: RunDir, ctx: Context, progress: bool) -> Tokenizer:
     """tokenizer.json and data/ in the run directory: built on first use, reused after (rank 0 builds)."""
-    from .pipeline import prepare_run
-    from .tokenizer import load_tokenizer
-
-    _rank0_first(ctx, lambda: prepare_run(recipe, run, progress))
-    return load_tokenizer(run / "tokenizer.json")
+    _rank0_first(ctx, lambda: prepare_run_inputs(recipe, run, progress))
+    return load_tokenizer(run.tokenizer_file)
 
 
-def check_resumable(recipe: Recipe, run: Path) -> None:
+def check_resumable(recipe: Recipe, run: RunDir) -> None:
     """Resuming needs the same model, tokenizer and data; training settings may change (e.g. more steps)."""
-    if not (run / "recipe.toml").is_file():
-        raise TinylmError(f"{run}: nothing to resume (no run there); drop --resume to start one")
-    saved = ckpt.read_run_recipe(run)
+    if not run.is_run():
+        raise TinylmError(f"{run.path}: nothing to resume (no run there); drop --resume to start one")
+    saved = run.read_recipe()
     for section in ("model", "tokenizer", "data"):
         if getattr(saved, section) != getattr(recipe, section):
-            raise TinylmError(f"{run / 'recipe.toml'}: the run was trained with a different [{section}] section; "
+            raise TinylmError(f"{run.recipe_file}: the run was trained with a different [{section}] section; "
                               "resume with the same recipe")
 
 
-def write_run_json(run: Path, recipe: Recipe, ctx: Context, command: str | None, tokens_per_step: int,
+def write_run_json(run: RunDir, recipe: Recipe, ctx: Context, command: str | None, tokens_per_step: int,
                    resumed_from: int | None) -> dict[str, Any]:
     old = {}
-    if (run / "run.json").is_file():
-        import json
-
-        with contextlib.suppress(ValueError, OSError):
-            old = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    with contextlib.suppress(TinylmError):  # a damaged run.json only loses the history
+        old = run.read_run_info()
     history = old.pop("history", []) + ([old] if old and resumed_from is not None else [])
-    info = {"command": command, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    info = {"command": command, "started": datetime.now(UTC).isoformat(timespec="seconds"),
             "recipe": recipe.name, "hardware": hardware_description(ctx.device), "torch": torch.__version__,
             "world_size": ctx.world, "device": str(ctx.device), "dtype": ctx.dtype, "threads": ctx.threads,
             "tokens_per_step": tokens_per_step, "resumed_from": resumed_from, "history": history}
-    atomic_write_json(run / "run.json", info)
+    atomic_write_json(run.run_file, info)
     return info
 
 
+@dataclass(frozen=True)
+class TrainSummary:
+    """How a training session ended."""
+
+    rank: int
+    step: int
+    stopped: str  # max_steps, max_minutes, stop_after or interrupted
+    tokens: int
+    val_loss: float | None
+    best_val_loss: float | None
+    checkpoint: str | None
+
+
 def train(recipe: Recipe, run_dir: str | Path, resume: bool = False, command: str | None = None,
-          progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+          progress: bool = True, stop_after: int | None = None) -> TrainSummary:
     """Train `recipe` into `run_dir` (or continue its latest checkpoint); returns a summary of the run.
 
     `stop_after` ends this session cleanly (evaluation, checkpoint) once that many steps are done, leaving the
     schedule as it is: `--resume` later continues exactly where it stopped."""
     ctx = setup_context(recipe.train)
     try:
-        return Trainer(recipe, Path(run_dir), ctx, resume, command, progress).run(stop_after)
+        return Trainer(recipe, RunDir(run_dir), ctx, resume, command, progress).run(stop_after)
     finally:
         if ctx.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, run: Path, ctx: Context, resume: bool, command: str | None, progress: bool):
+    def __init__(self, recipe: Recipe, run: RunDir, ctx: Context, resume: bool, command: str | None, progress: bool):
         self.recipe, self.run_dir, self.ctx, self.progress = recipe, run, ctx, progress
         self.clock = time.perf_counter()
-        t = recipe.train
-        self.checkpoints = run / "checkpoints"
-        resume_from = None
-        if resume:
-            check_resumable(recipe, run)
-            resume_from = ckpt.checkpoint_path(run, "latest")
-            manifest = verify_manifest(resume_from, ckpt.MANIFEST_FILE)
-            if (run / "tokenizer.json").is_file():  # a replaced tokenizer must not rebuild the shards and go on
-                from .tokenizer import load_tokenizer
-
-                ckpt.check_tokenizer_fits(load_tokenizer(run / "tokenizer.json"), recipe, manifest,
-                                          run / "tokenizer.json")
-        elif ckpt.step_checkpoints(self.checkpoints) or (self.checkpoints / "best").exists():
-            raise TinylmError(f"{run} already holds a trained run: pass --resume to continue it, or --out elsewhere")
+        resume_from = self._resume_point(resume)
         if ctx.main:
-            run.mkdir(parents=True, exist_ok=True)
+            run.path.mkdir(parents=True, exist_ok=True)
         self.tokenizer = prepare_run_data(recipe, run, ctx, progress)
         if ctx.main:  # written once the data fit the recipe: a refused start leaves the run's recipe as it was
-            atomic_write_text(run / "recipe.toml", recipe_to_toml(recipe))
-        from .data import BatchSampler, TokenShard
-
-        self.train_shard = TokenShard(run / "data" / "train.bin", self.tokenizer)
-        self.val_shard = TokenShard(run / "data" / "val.bin", self.tokenizer)
+            atomic_write_text(run.recipe_file, recipe_to_toml(recipe))
+        t, context = recipe.train, recipe.model.context_length
+        self.train_shard = TokenShard(run.data_dir / "train.bin", self.tokenizer)
+        self.val_shard = TokenShard(run.data_dir / "val.bin", self.tokenizer)
         self.rows = t.batch_size * t.grad_accum  # this rank's rows of the global batch
-        self.sampler = BatchSampler(self.train_shard, self.rows * ctx.world, recipe.model.context_length, t.seed)
-        self.tokens_per_step = self.rows * ctx.world * recipe.model.context_length
+        self.sampler = BatchSampler(self.train_shard, self.rows * ctx.world, context, t.seed)
+        self.tokens_per_step = self.rows * ctx.world * context
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.model = build_model(recipe.model).to(ctx.device)
@@ -138,24 +142,44 @@ class Trainer:
         self.step, self.best_val, self.elapsed_before = 0, math.inf, 0.0
         if resume_from is not None:
             self._restore(resume_from)
-        self.say(f"tokens per step: {self.tokens_per_step:,} = batch {t.batch_size} x context "
-                 f"{recipe.model.context_length} x accumulation {t.grad_accum} x processes {ctx.world}")
+        self.say(f"tokens per step: {self.tokens_per_step:,} = batch {t.batch_size} x context {context} x "
+                 f"accumulation {t.grad_accum} x processes {ctx.world}")
         self.fingerprint = self.tokenizer.fingerprint()
-        self.metrics = MetricsFile(run / "metrics.jsonl")
+        self.metrics = MetricsFile(run.metrics_file)
         if ctx.main:  # resumed: drop lines logged after the checkpoint; fresh: drop those of a crashed attempt
             self.metrics.truncate_after(self.step if resume_from is not None else -1)
             self.run_info = write_run_json(run, recipe, ctx, command, self.tokens_per_step,
                                            self.step if resume_from is not None else None)
-        self.forward_model = torch.compile(self.model) if t.compile else self.model
-        if ctx.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.forward_model = DistributedDataParallel(
-                self.forward_model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-        self.flops_per_token = flops_per_token(recipe.model, training_parameters(self.model, recipe.model))
+        self.forward_model = self._forward_model()
+        self.flops_per_token = self.model.flops_per_token()
         self.peak = peak_flops(ctx.device.type, torch.cuda.get_device_name(ctx.device)
                                if ctx.device.type == "cuda" else "") * ctx.world
         self.last_val: float | None = None
+
+    def _resume_point(self, resume: bool) -> Path | None:
+        """The checkpoint to continue from (None for a fresh run), its tokenizer checked against the run's."""
+        run = self.run_dir
+        if not resume:
+            if run.has_checkpoints():
+                raise TinylmError(f"{run.path} already holds a trained run: pass --resume to continue it, or --out "
+                                  "elsewhere")
+            return None
+        check_resumable(self.recipe, run)
+        latest = run.checkpoint("latest")
+        manifest = verify_manifest(latest)
+        if run.tokenizer_file.is_file():  # a replaced tokenizer must not rebuild the shards and go on
+            ckpt.check_tokenizer_fits(load_tokenizer(run.tokenizer_file), self.recipe, manifest, run.tokenizer_file)
+        return latest
+
+    def _forward_model(self) -> torch.nn.Module:
+        """The module the steps call: compiled when the recipe asks, wrapped for data parallelism across ranks."""
+        model = torch.compile(self.model) if self.recipe.train.compile else self.model
+        if self.ctx.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(model, device_ids=[self.ctx.local_rank]
+                                            if self.ctx.device.type == "cuda" else None)
+        return model
 
     def say(self, text: str) -> None:
         if self.ctx.main:
@@ -188,38 +212,40 @@ class Trainer:
                  "tokens": self.step * self.tokens_per_step, "world_size": self.ctx.world}
         info = {"tokenizer_fingerprint": self.fingerprint, "val_loss": self.last_val,
                 "tokens": self.step * self.tokens_per_step}
+        checkpoints = self.run_dir.checkpoints_dir
         if not as_step:  # a new best between regular checkpoints
-            return ckpt.save_checkpoint(self.checkpoints, self.step, self.model, state, info, name="best")
+            return ckpt.save_checkpoint(checkpoints, self.step, self.model, state, info, name="best")
         if as_best:  # best first: a crash before the step copy resumes from an older step and remakes this best
-            ckpt.save_checkpoint(self.checkpoints, self.step, self.model, state, info, name="best")
-            path = self.checkpoints / ckpt.step_dir_name(self.step)
-            ckpt.copy_checkpoint(self.checkpoints / "best", path)
+            ckpt.save_checkpoint(checkpoints, self.step, self.model, state, info, name="best")
+            path = checkpoints / step_dir_name(self.step)
+            ckpt.copy_checkpoint(checkpoints / "best", path)
         else:
-            path = ckpt.save_checkpoint(self.checkpoints, self.step, self.model, state, info)
-        ckpt.prune_checkpoints(self.checkpoints, self.recipe.train.keep_last)
+            path = ckpt.save_checkpoint(checkpoints, self.step, self.model, state, info)
+        ckpt.prune_checkpoints(self.run_dir, self.recipe.train.keep_last)
         return path
 
     # ------------------------------------------------------------------------------------------------ evaluation
-    def estimate(self) -> bool:
-        """Train/val loss on eval_batches batches; returns whether the val loss is the best so far."""
-        from .data import BatchSampler, eval_batches
-
-        t, T = self.recipe.train, self.recipe.model.context_length
-        size = eval_batch_size(t.batch_size, T, self.recipe.model.vocab_size)
-        probe = BatchSampler(self.train_shard, size, T, seed=t.seed + 1)  # fixed probe batches, apart from training
+    def measure(self) -> tuple[float, float]:
+        """(train loss, val loss) on eval_batches fixed batches of each split."""
+        t, context = self.recipe.train, self.recipe.model.context_length
+        size = eval_batch_size(t.batch_size, context, self.recipe.model.vocab_size)
+        probe = BatchSampler(self.train_shard, size, context, seed=t.seed + 1)  # fixed probe batches
         args = dict(device=self.ctx.device, autocast=self.ctx.autocast, max_batches=t.eval_batches,
                     rank=self.ctx.rank, world=self.ctx.world)
         train_nats, train_count = loss_sums(self.model, probe, **args)
-        val_nats, val_count = loss_sums(self.model, eval_batches(self.val_shard, size, T), **args)
-        val_loss = val_nats / val_count
+        val_nats, val_count = loss_sums(self.model, eval_batches(self.val_shard, size, context), **args)
+        return train_nats / train_count, val_nats / val_count
+
+    def evaluate_and_record(self) -> bool:
+        """Measure, log and append to metrics.jsonl; returns whether the val loss is the best so far (and keeps it)."""
+        train_loss, val_loss = self.measure()
         # bits per byte of the measured part, scaled by the split's bytes per predicted token
-        bpb = val_loss / math.log(2) * (self.val_shard.n_tokens - 1) / self.val_shard.n_bytes
+        bpb = bits_per_byte(val_loss * (self.val_shard.n_tokens - 1), self.val_shard.n_bytes)
         self.last_val = val_loss
-        self.say(f"step {self.step}: train loss {train_nats / train_count:.4f}, val loss {val_loss:.4f}, "
-                 f"val bpb {bpb:.4f}")
+        self.say(f"step {self.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, val bpb {bpb:.4f}")
         if self.ctx.main:
             self.metrics.append({"step": self.step, "tokens": self.step * self.tokens_per_step,
-                                 "time_s": round(self.elapsed(), 3), "train_loss": train_nats / train_count,
+                                 "time_s": round(self.elapsed(), 3), "train_loss": train_loss,
                                  "val_loss": val_loss, "val_bpb": bpb})
         improved = self.step > 0 and val_loss < self.best_val
         if improved:
@@ -236,14 +262,14 @@ class Trainer:
         torch.manual_seed(step_seed(t.seed, ctx.rank, self.step))
         x_all, y_all = next(self.sampler)
         rows = slice(ctx.rank * self.rows, (ctx.rank + 1) * self.rows)
-        micro_batches = zip(x_all[rows].chunk(t.grad_accum), y_all[rows].chunk(t.grad_accum))
+        micro_batches = zip(x_all[rows].chunk(t.grad_accum), y_all[rows].chunk(t.grad_accum), strict=True)
         loss = accumulate_gradients(self.forward_model, micro_batches, t.grad_accum, ctx)
         shared = torch.stack([loss, torch.tensor(float(stop_requested), device=ctx.device)])
         if ctx.world > 1:
             dist.all_reduce(shared)
         loss_value, stop = float(shared[0]) / ctx.world, bool(shared[1] > 0)
         if not math.isfinite(loss_value):
-            last = ckpt.step_checkpoints(self.checkpoints)
+            last = self.run_dir.step_checkpoints()
             raise TinylmError(f"loss is {loss_value} at step {self.step + 1}: training stopped; the last good "
                               f"checkpoint ({last[-1].name if last else 'none yet'}) is intact "
                               "(try a lower train.lr or a longer train.warmup_steps)")
@@ -251,7 +277,7 @@ class Trainer:
         self.step += 1
         return loss_value, stop
 
-    def run(self, stop_after: int | None = None) -> dict[str, Any]:
+    def run(self, stop_after: int | None = None) -> TrainSummary:
         from tqdm.auto import tqdm
 
         t = self.recipe.train
@@ -259,7 +285,7 @@ class Trainer:
             self.say(f"already at step {self.step} of train.max_steps {t.max_steps}: nothing to do")
             return self.finish("max_steps", None)
         if self.step == 0:
-            self.estimate()
+            self.evaluate_and_record()
         budget = t.max_minutes * 60.0
         bar = tqdm(total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.progress and self.ctx.main))
@@ -281,7 +307,7 @@ class Trainer:
                     interval_steps = 0
                 improved, evaluated = False, False
                 if reason in ("max_steps", "max_minutes", "stop_after") or self.step % t.eval_interval == 0:
-                    improved, evaluated = self.estimate(), True
+                    improved, evaluated = self.evaluate_and_record(), True
                 regular = reason is not None or self.step % t.checkpoint_interval == 0
                 saved = self.save(as_best=improved, as_step=regular)
                 if evaluated or saved is not None:
@@ -301,18 +327,19 @@ class Trainer:
                                  "ms_per_step": seconds * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu})
         return now
 
-    def finish(self, reason: str, signum: int | None) -> dict[str, Any]:
+    def finish(self, reason: str, signum: int | None) -> TrainSummary:
         self.ctx.barrier()
-        latest = ckpt.step_checkpoints(self.checkpoints)
+        latest = self.run_dir.step_checkpoints()
         if self.ctx.main:
             self.run_info.update({"final_step": self.step, "stopped": reason, "wall_time_s": round(self.elapsed(), 3),
-                                  "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                  "finished": datetime.now(UTC).isoformat(timespec="seconds"),
                                   "best_val_loss": self.best_val if math.isfinite(self.best_val) else None})
-            atomic_write_json(self.run_dir / "run.json", self.run_info)
+            atomic_write_json(self.run_dir.run_file, self.run_info)
         if reason == "interrupted":
             self.say(f"interrupted at step {self.step}: saved {latest[-1] if latest else 'nothing'}; "
                      "continue with --resume")
             raise KeyboardInterrupt
-        return {"rank": self.ctx.rank, "step": self.step, "stopped": reason, "val_loss": self.last_val,
-                "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
-                "checkpoint": str(latest[-1]) if latest else None, "tokens": self.step * self.tokens_per_step}
+        return TrainSummary(rank=self.ctx.rank, step=self.step, stopped=reason, tokens=self.step * self.tokens_per_step,
+                            val_loss=self.last_val,
+                            best_val_loss=self.best_val if math.isfinite(self.best_val) else None,
+                            checkpoint=str(latest[-1]) if latest else None)

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import TinylmError
-from .models import decay_split
-from .recipe import TrainConfig
+from tinylm.errors import TinylmError
+from tinylm.models import decay_split, resolve_device
+from tinylm.recipe import TrainConfig
 
 
 @dataclass
@@ -45,8 +45,8 @@ class Context:
 
 def setup_context(train: TrainConfig) -> Context:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if train.device == "cuda" and not torch.cuda.is_available():
-        raise TinylmError("train.device is cuda but no CUDA device is available")
+    if train.device == "cuda":
+        resolve_device("cuda", "train.device")
     use_cuda = train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available())
     ctx = Context(world=world, rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     if use_cuda:
@@ -78,8 +78,8 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, report=print) ->
            f"with {sum(p.numel() for p in not_decayed):,} parameters")
     groups = [{"params": decayed, "weight_decay": train.weight_decay},
               {"params": not_decayed, "weight_decay": 0.0}]
-    # The fused kernel (one pass over each tensor): on this CPU 2.2 ms a step for aurelius-4m against 8 ms for the
-    # multi-tensor path; older PyTorch builds without a CPU fused AdamW fall back to that path.
+    # The fused kernel makes one pass over each tensor (several times faster on a CPU than the multi-tensor path;
+    # docs/RESULTS.md); PyTorch builds without a CPU fused AdamW fall back to that path.
     try:
         return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), fused=True)
     except (RuntimeError, ValueError):
@@ -142,7 +142,7 @@ class StopRequest:
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)

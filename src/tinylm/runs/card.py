@@ -5,41 +5,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .files import atomic_path, atomic_write_text
-from .recipe import recipe_to_toml
-from .runinfo import RunInfo, read_run
+from tinylm.data.shards import frame_prefix
+from tinylm.infer.engine import generate_text
+from tinylm.recipe import Recipe, recipe_to_toml
+from tinylm.runs.info import RunInfo, read_run
+from tinylm.storage.atomic import atomic_path, atomic_write_text
+from tinylm.storage.rundir import RunDir
 
 TOKENIZER_NAMES = {"bytes": "raw UTF-8 bytes", "bpe": "byte-level BPE", "chars": "character vocabulary",
                    "gpt2": "GPT-2 BPE (tiktoken ranks)"}
 
 
-def describe_architecture(info: RunInfo) -> str:
-    m = info.recipe.model
-    if m.arch == "mixer":
-        rotary = {"quirk": "the original's rotary quirk", "standard": "a standard rotary transform",
-                  "none": "no position transform"}[m.embedding_rotary]
-        return f"MicroMixer: attention-free MLP mixer with causal running-mean HyperMixing, {rotary} on the embeddings"
-    head = {"tied": "tied embeddings", "untied": "untied embeddings",
-            "pinv": "unembedding = pseudo-inverse of the embedding"}[m.unembedding]
-    attention = "grouped-query" if m.resolved_kv_heads() != m.n_heads else "multi-head"
-    rope = f"RoPE base {m.rope_theta:g}" + (f", {m.rope_scaling} scaling x{m.rope_scaling_factor:g}"
-                                             if m.rope_scaling != "none" else "")
-    return f"LLaMA-style decoder: RMSNorm, SwiGLU, {rope}, {attention} attention, {head}"
-
-
 def details_rows(info: RunInfo) -> list[tuple[str, str]]:
     m, t = info.recipe.model, info.recipe.tokenizer
-    rows = [("architecture", describe_architecture(info)), ("layers", str(m.n_layers)), ("width", str(m.dim))]
-    if m.arch == "llama":
-        rows += [("SwiGLU hidden", str(m.resolved_hidden_dim())),
-                 ("heads / KV heads", f"{m.n_heads} / {m.resolved_kv_heads()} (head_dim {m.resolved_head_dim()})")]
-    else:
-        rows += [("channel MLP", str(m.resolved_hidden_dim())), ("hypernetwork", str(m.hyper_dim))]
+    rows = [("architecture", info.model.describe()), ("layers", str(m.n_layers)), ("width", str(m.dim)),
+            *info.model.detail_rows()]
     rows += [("context", f"{m.context_length} tokens"),
              ("vocabulary", f"{m.vocab_size:,} ({TOKENIZER_NAMES[t.kind]}"
                             + (f"; specials {', '.join(t.special_tokens)}" if t.special_tokens else "") + ")"),
              ("parameters", f"{info.total_params:,} total, {info.non_embedding_params:,} without embeddings"),
-             ("recipe", f"`{info.recipe.name}`" + (f" (reproduces {info.recipe.source})" if info.recipe.source else ""))]
+             ("recipe", f"`{info.recipe.name}`"
+              + (f" (reproduces {info.recipe.source})" if info.recipe.source else ""))]
     return rows
 
 
@@ -91,8 +77,8 @@ def sampling_text(info: RunInfo) -> str:
 
 def usage_text(info: RunInfo) -> str:
     s = info.recipe.sample
-    if info.recipe.model.arch == "mixer":
-        return ("MicroMixer has no transformers class; load the export with tinylm:\n\n```bash\n"
+    if info.model.transformers_model_type is None:
+        return (f"{type(info.model).__name__} has no transformers class; load the export with tinylm:\n\n```bash\n"
                 f"tinylm sample {info.path}/hf --prompt \"Once upon a time\"\n```")
     kwargs = [f"temperature={s.temperature:g}"] if s.temperature > 0 else []
     kwargs += [f"top_k={s.top_k}"] if s.top_k else []
@@ -149,10 +135,10 @@ def plot_loss(info: RunInfo, path: Path) -> bool:
 
 
 def render_card(info: RunInfo, samples: str, has_plot: bool) -> str:
-    arch_tag = "llama" if info.recipe.model.arch == "llama" else "micromixer"
     command = info.run.get("command") or "unknown"
-    front = ("---\nlanguage: en\nlicense: mit\nlibrary_name: " + ("transformers" if arch_tag == "llama" else "tinylm")
-             + f"\npipeline_tag: text-generation\ntags:\n- tinylm\n- tinystories\n- {arch_tag}\n"
+    library = "transformers" if info.model.transformers_model_type else "tinylm"
+    front = (f"---\nlanguage: en\nlicense: mit\nlibrary_name: {library}"
+             + f"\npipeline_tag: text-generation\ntags:\n- tinylm\n- tinystories\n- {info.model.family}\n"
              "datasets:\n- roneneldan/TinyStories\n---\n")
     sections = [
         front,
@@ -175,20 +161,27 @@ def render_card(info: RunInfo, samples: str, has_plot: bool) -> str:
 
 def format_samples(prompts: list[str], completions: list[str]) -> str:
     blocks = []
-    for prompt, completion in zip(prompts, completions):
+    for prompt, completion in zip(prompts, completions, strict=True):
         text = (prompt + completion).strip().replace("\n", "\n> ")
         blocks.append(f"**Prompt:** `{prompt}`\n\n> {text}")
     return "\n\n".join(blocks)
 
 
+def write_samples(recipe: Recipe, model, tokenizer, seed: int = 0) -> str:
+    """Stories from the recipe's prompts with its recommended sampling settings, as markdown."""
+    prompts = recipe.sample.prompts
+    completions = generate_text(model, tokenizer, prompts, recipe.sample.settings,
+                                prefix=frame_prefix(tokenizer, recipe.data.framing), seed=seed)
+    return format_samples(prompts, completions)
+
+
 def write_card(run_dir: str | Path, samples: str | None = None) -> Path:
     """Write RUN/loss.png, RUN/samples.md (when samples are given) and RUN/README.md; returns the card's path."""
-    info = read_run(run_dir)
+    info, run = read_run(run_dir), RunDir(run_dir)
     if samples is not None:
-        atomic_write_text(info.path / "samples.md", samples + "\n")
-    elif (info.path / "samples.md").is_file():
-        samples = (info.path / "samples.md").read_text(encoding="utf-8").strip()
-    has_plot = plot_loss(info, info.path / "loss.png")
-    card = info.path / "README.md"
-    atomic_write_text(card, render_card(info, samples or "", has_plot))
-    return card
+        atomic_write_text(run.samples_file, samples + "\n")
+    elif run.samples_file.is_file():
+        samples = run.samples_file.read_text(encoding="utf-8").strip()
+    has_plot = plot_loss(info, run.loss_plot)
+    atomic_write_text(run.card_file, render_card(info, samples or "", has_plot))
+    return run.card_file

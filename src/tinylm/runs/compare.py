@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .errors import TinylmError
-from .files import atomic_path
-from .runinfo import RunInfo, read_run
+from tinylm.errors import TinylmError
+from tinylm.runs.info import RunInfo, read_run
+from tinylm.storage.atomic import atomic_path
 
 
 def bits_per_byte(info: RunInfo) -> float:

@@ -14,10 +14,11 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-from .errors import TinylmError
+from tinylm.errors import TinylmError
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
@@ -140,7 +141,7 @@ def _clean_leftovers(path: Path) -> None:
         _remove(old)
 
 
-def _check_replaceable(path: Path) -> None:
+def check_replaceable(path: Path) -> None:
     """Only a directory tinylm wrote (it has a manifest.json) or an empty one is ever replaced: `--out ~` must not
     delete a home directory."""
     if not path.is_dir():
@@ -165,7 +166,7 @@ def atomic_directory(path: str | Path, replace: bool = True, manifest: bool = Tr
         if path.exists():
             if not replace:
                 raise TinylmError(f"{path} already exists")
-            _check_replaceable(path)
+            check_replaceable(path)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         os.chmod(tmp, _default_mode(directory=True))
     try:

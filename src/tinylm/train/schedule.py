@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from .recipe import TrainConfig
+from tinylm.recipe import TrainConfig
 
 ONECYCLE_DIV_FACTOR = 25.0
 ONECYCLE_FINAL_DIV_FACTOR = 1e4

@@ -1,26 +1,27 @@
-"""Evaluation: mean loss over the whole validation split, perplexity, and bits per byte.
+"""Evaluation: mean loss over a whole split, perplexity, and bits per byte.
 
     loss           = total nats / predicted tokens                  (every validation token after the first, once)
     perplexity     = exp(loss)
     bits per byte  = total nats / (ln 2 * UTF-8 bytes of the validation stories)
 Bits per byte compare models across vocabularies; losses per token do not. The byte count comes from the shard's
-meta.json, written when the stories were tokenised.
+meta.json, written when the stories were tokenised. Training's periodic estimate uses the same sums.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import math
-from pathlib import Path
-from typing import Any, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .errors import TinylmError
-from .files import atomic_write_json
-from .models import IGNORE_INDEX
+from tinylm.data.shards import check_tokenizer, eval_batches
+from tinylm.errors import TinylmError
+from tinylm.models import IGNORE_INDEX
 
 LOGITS_BUDGET = 1 << 28  # floats of fp32 logits per evaluation batch (1 GiB): large vocabularies get smaller batches
 
@@ -63,19 +64,45 @@ def loss_sums(model: torch.nn.Module, batches: Iterable, device: torch.device | 
     return float(nats), int(count)
 
 
-def summarise(nats: float, tokens: int, n_bytes: int) -> dict[str, Any]:
+def bits_per_byte(nats: float, n_bytes: int) -> float:
+    """Total nats over a text / (ln 2 x its UTF-8 bytes): compares models across vocabularies."""
+    return nats / (math.log(2) * n_bytes)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Loss, perplexity and bits per byte over a whole split (plus where they came from, for a run)."""
+
+    loss: float
+    perplexity: float
+    bits_per_byte: float
+    tokens: int
+    bytes: int
+    nats: float
+    checkpoint: str = ""
+    data: str = ""
+    split: str = "val"
+    step: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def line(self) -> str:
+        return (f"val loss {self.loss:.4f} | perplexity {self.perplexity:.3f} | bits per byte "
+                f"{self.bits_per_byte:.4f} | {self.tokens:,} tokens, {self.bytes:,} bytes")
+
+
+def summarise(nats: float, tokens: int, n_bytes: int) -> Evaluation:
     if tokens == 0:
         raise TinylmError("the validation split has no tokens to predict")
     loss = nats / tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_byte": nats / (math.log(2) * n_bytes),
-            "tokens": tokens, "bytes": n_bytes, "nats": nats}
+    return Evaluation(loss=loss, perplexity=math.exp(min(loss, 700.0)), bits_per_byte=bits_per_byte(nats, n_bytes),
+                      tokens=tokens, bytes=n_bytes, nats=nats)
 
 
 def evaluate(model: torch.nn.Module, tokenizer, shard, context_length: int | None = None,
-             batch_size: int = 16, device: torch.device | str | None = None) -> dict[str, Any]:
+             batch_size: int = 16, device: torch.device | str | None = None) -> Evaluation:
     """Loss, perplexity and bits per byte of `model` over the WHOLE shard (model in any mode; left as it was)."""
-    from .data import check_tokenizer, eval_batches
-
     check_tokenizer(shard.meta, tokenizer, shard.path.parent)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise TinylmError(f"the tokenizer's {tokenizer.vocab_size} ids do not fit the model's "
@@ -85,38 +112,3 @@ def evaluate(model: torch.nn.Module, tokenizer, shard, context_length: int | Non
     batch_size = eval_batch_size(batch_size, context_length, model.config.vocab_size)
     nats, tokens = loss_sums(model, eval_batches(shard, batch_size, context_length), device)
     return summarise(nats, tokens, shard.n_bytes)
-
-
-def evaluate_path(path: str | Path, which: str = "best", data_dir: str | Path | None = None,
-                  batch_size: int | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Evaluate a run directory (its checkpoint `which`), a Hugging Face directory or a hub model id on a validation
-    shard.
-
-    A run is scored on RUN/data/val.bin and the result recorded in RUN/eval.json. A Hugging Face directory needs the
-    shard of a run prepared with the same tokenizer (`data_dir`), unless it holds a data/ folder itself; a hub model
-    always needs `data_dir`."""
-    from .checkpoint import checkpoint_path
-    from .data import TokenShard
-    from .export import load_model_dir
-    from .hub import is_repo_id
-
-    path = Path(path)
-    if data_dir is None and not path.exists() and is_repo_id(str(path)):
-        raise TinylmError(f"{path}: a hub model needs --data DIR, the shards of a run prepared with its tokenizer")
-    is_run = (path / "recipe.toml").is_file()
-    model, recipe, tokenizer = load_model_dir(path, which, device=device)  # a run, or a Hugging Face directory
-    source = checkpoint_path(path, which) if is_run else path
-    data = Path(data_dir) if data_dir else path / "data"
-    shard = TokenShard(data / "val.bin")
-    result = evaluate(model, tokenizer, shard, recipe.model.context_length,
-                      batch_size or recipe.train.batch_size, device)
-    result.update({"checkpoint": str(source), "split": "val", "data": str(data)})
-    if is_run:
-        result["step"] = json.loads((source / "manifest.json").read_text(encoding="utf-8")).get("step")
-        atomic_write_json(path / "eval.json", result)
-    return result
-
-
-def format_result(result: dict[str, Any]) -> str:
-    return (f"val loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
-            f"bits per byte {result['bits_per_byte']:.4f} | {result['tokens']:,} tokens, {result['bytes']:,} bytes")

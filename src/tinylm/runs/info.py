@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import TinylmError
-from .models import build_model, count_parameters
-from .recipe import Recipe, recipe_from_toml
+import torch
+
+from tinylm.models import build_model, count_parameters
+from tinylm.recipe import Recipe
+from tinylm.storage.rundir import RunDir
 
 
 @dataclass
 class RunInfo:
     path: Path
     recipe: Recipe
+    model: torch.nn.Module  # on the meta device: its architecture describes itself to the card
     total_params: int
     non_embedding_params: int
     run: dict[str, Any] = field(default_factory=dict)  # run.json: command, hardware, wall time, ...
@@ -54,34 +56,17 @@ class RunInfo:
         return self.data.get(name, {}) if isinstance(self.data.get(name), dict) else {}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TinylmError(f"{path}: not valid JSON ({exc})") from None
-
-
 def read_run(run_dir: str | Path) -> RunInfo:
-    path = Path(run_dir)
-    recipe_file = path / "recipe.toml"
-    if not recipe_file.is_file():
-        raise TinylmError(f"{path}: not a run directory (no recipe.toml)")
-    recipe = recipe_from_toml(recipe_file.read_text(encoding="utf-8"), origin=str(recipe_file))
-    count = count_parameters(build_model(recipe.model, device="meta"))
-    info = RunInfo(path=path, recipe=recipe, total_params=count.total, non_embedding_params=count.without_embedding,
-                   run=_read_json(path / "run.json"), data=_read_json(path / "data" / "meta.json"),
-                   evaluation=_read_json(path / "eval.json"))
-    metrics = path / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text(encoding="utf-8").splitlines():
-            try:
-                point = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash: the rest is still good
-            if "val_loss" in point:
-                info.val_points.append(point)
-            if "loss" in point:
-                info.train_points.append(point)
+    run = RunDir(run_dir)
+    recipe = run.read_recipe()
+    model = build_model(recipe.model, device="meta")
+    count = count_parameters(model)
+    info = RunInfo(path=run.path, recipe=recipe, model=model, total_params=count.total,
+                   non_embedding_params=count.without_embedding, run=run.read_run_info(), data=run.read_data_meta(),
+                   evaluation=run.read_evaluation())
+    for point in run.read_metrics():
+        if "val_loss" in point:
+            info.val_points.append(point)
+        if "loss" in point:
+            info.train_points.append(point)
     return info

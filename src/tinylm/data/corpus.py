@@ -20,10 +20,11 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import hub
-from .errors import TinylmError
-from .recipe import DataConfig, Recipe
-from .tokenizer import REPO_ROOT, Tokenizer, build_tokenizer
+from tinylm.data import hub
+from tinylm.data.tokenizer import Tokenizer
+from tinylm.data.tokenizer_training import REPO_ROOT, build_tokenizer
+from tinylm.errors import TinylmError
+from tinylm.recipe import DataConfig, Recipe
 
 SEPARATOR = "<|endoftext|>"
 STORY_SUFFIXES = (".txt", ".json", ".jsonl", ".txt.gz", ".json.gz", ".jsonl.gz")  # taken from directories
@@ -98,7 +99,7 @@ def _read_text(path: Path) -> tuple[str, int]:
     except UnicodeDecodeError:
         text, replaced = re.subn("[\udc80-\udcff]", "\ufffd", raw.decode("utf-8", "surrogateescape"))
         if replaced > 0.2 * len(raw):
-            raise TinylmError(f"{path} is not UTF-8 text ({replaced:,} of {len(raw):,} bytes undecodable)")
+            raise TinylmError(f"{path} is not UTF-8 text ({replaced:,} of {len(raw):,} bytes undecodable)") from None
     return text.removeprefix("\ufeff"), replaced
 
 
@@ -201,7 +202,7 @@ def train_tokenizer(recipe: Recipe, corpus: Corpus | None = None) -> tuple[Token
 # ---------------------------------------------------------------- the split
 
 def is_validation(story: str, val_fraction: float, seed: int) -> bool:
-    digest = hashlib.blake2b(f"{seed}\0{story}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}\0{story}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") < val_fraction * 2.0**64
 
 

@@ -1,0 +1,107 @@
+"""The run directory's inputs: RUN/tokenizer.json and RUN/data/, built on first use and reused after."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tinylm.data.corpus import load_corpus, split_stories, train_tokenizer
+from tinylm.data.shards import prepare_data
+from tinylm.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_stats
+from tinylm.errors import TinylmError
+from tinylm.recipe import Recipe, load_recipe
+from tinylm.storage.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class SplitStats:
+    stories: int
+    tokens: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """What `prepare_run_inputs` made or found: the tokenizer and the shards' statistics."""
+
+    tokenizer: Tokenizer = field(repr=False)
+    train: SplitStats
+    val: SplitStats
+    files: list[str]
+    duplicates: int
+    replaced_bytes: int
+    framing: str
+    dtype: str
+    reused: bool
+    seconds: float
+
+    @classmethod
+    def from_meta(cls, tokenizer: Tokenizer, meta: dict[str, Any]) -> PreparedData:
+        splits = {name: SplitStats(meta[name]["n_stories"], meta[name]["n_tokens"], meta[name]["n_bytes"])
+                  for name in ("train", "val")}
+        return cls(tokenizer, splits["train"], splits["val"], list(meta["files"]), int(meta["duplicates"]),
+                   int(meta["replaced_bytes"]), meta["framing"], meta["dtype"], bool(meta["reused"]),
+                   float(meta["seconds"]))
+
+
+def prepare_run_inputs(recipe: Recipe, run: RunDir, progress: bool = True) -> PreparedData:
+    """Load or train the run's tokenizer, then write (or reuse) its token shards.
+
+    The tokenizer is saved only once the shards exist, so a failure leaves nothing half-made."""
+    corpus = None
+    if run.tokenizer_file.is_file():
+        tokenizer = load_tokenizer(run.tokenizer_file)
+        if tokenizer.kind != recipe.tokenizer.kind:
+            raise TinylmError(f"{run.tokenizer_file} is a {tokenizer.kind} tokenizer but the recipe asks for "
+                              f"{recipe.tokenizer.kind}; use another --out")
+    else:
+        tokenizer, corpus = train_tokenizer(recipe)  # bpe/chars learn from the training split only
+    if tokenizer.vocab_size > recipe.model.vocab_size:
+        raise TinylmError(f"{run.tokenizer_file}: {tokenizer.vocab_size} ids do not fit model.vocab_size "
+                          f"{recipe.model.vocab_size}")
+    meta = prepare_data(recipe, tokenizer, run.data_dir, progress=progress, corpus=corpus)
+    if not run.tokenizer_file.is_file():
+        tokenizer.save(run.tokenizer_file)
+    return PreparedData.from_meta(tokenizer, meta)
+
+
+@dataclass(frozen=True)
+class TrainedTokenizer:
+    tokenizer: Tokenizer
+    stories: int | None  # stories it learnt from (None: built without training text)
+    seconds: float
+
+
+def train_run_tokenizer(recipe: Recipe, run: RunDir, force: bool = False) -> TrainedTokenizer:
+    """Build or train the recipe's tokenizer into RUN/tokenizer.json; a different one already there is replaced
+    only with `force` (shards and checkpoints made with it stop matching)."""
+    started = time.perf_counter()
+    tokenizer, corpus = train_tokenizer(recipe)
+    if run.tokenizer_file.exists() and not force and \
+            load_tokenizer(run.tokenizer_file).fingerprint() != tokenizer.fingerprint():
+        raise TinylmError(f"{run.tokenizer_file} exists and holds a different tokenizer; pass --force to replace it "
+                          "(shards and checkpoints made with the old one stop matching)")
+    tokenizer.save(run.tokenizer_file)
+    run.write_recipe(recipe)
+    return TrainedTokenizer(tokenizer, len(corpus.stories) if corpus is not None else None,
+                            time.perf_counter() - started)
+
+
+def measure_tokenizer(target: str, overrides: list[str]) -> tuple[Tokenizer, dict[str, Any]]:
+    """`tinylm tokenizer stats`: a run's tokenizer (on the run's data) or a recipe's, measured on the validation
+    split."""
+    run = RunDir(target)
+    if run.path.is_dir() and run.tokenizer_file.is_file():
+        if not run.is_run():
+            raise TinylmError(f"{run.path} has no recipe.toml, so its data is unknown")
+        recipe = load_recipe(str(run.recipe_file), overrides)
+        tokenizer, corpus = load_tokenizer(run.tokenizer_file), load_corpus(recipe.data)
+    else:
+        recipe = load_recipe(target, overrides)
+        tokenizer, corpus = train_tokenizer(recipe)
+        corpus = corpus if corpus is not None else load_corpus(recipe.data)
+    _, val = split_stories(corpus.stories, recipe.data.val_fraction, recipe.data.split_seed)
+    if not val:
+        raise TinylmError("the validation split is empty: add data or raise data.val_fraction")
+    return tokenizer, tokenizer_stats(tokenizer, val)

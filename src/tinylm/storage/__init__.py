@@ -1,0 +1,1 @@
+"""Storage every layer shares: atomic files and directories with manifests, and the run directory's layout."""
