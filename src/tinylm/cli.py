@@ -11,7 +11,7 @@ import sys
 
 from tinylm import __version__
 from tinylm.errors import TinylmError
-from tinylm.export import FORMATS
+from tinylm.export import FORMATS, GGUF_DTYPES
 
 
 def add_overrides(parser: argparse.ArgumentParser) -> None:
@@ -188,7 +188,7 @@ def cmd_sample(args) -> int:
 def cmd_export(args) -> int:
     from tinylm.runs.publish import export_run
 
-    for line in export_run(args.run, args.format, args.out, which=args.checkpoint):
+    for line in export_run(args.run, args.format, args.out, which=args.checkpoint, dtype=args.dtype):
         print(line)
     return 0
 
@@ -306,12 +306,15 @@ def _add_use_commands(commands) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.set_defaults(func=cmd_sample)
 
-    p = commands.add_parser("export", help="export a run for Hugging Face transformers or llama2.c",
+    p = commands.add_parser("export", help="export a run for Hugging Face transformers, llama2.c or llama.cpp",
                             description="hf: a transformers directory (LlamaForCausalLM; MicroMixer runs get a "
-                                        "directory only tinylm loads). llama2c: model.bin + tokenizer.bin for run.c.")
+                                        "directory only tinylm loads). llama2c: model.bin + tokenizer.bin for run.c. "
+                                        "gguf: one .gguf file (f32, f16 or q8_0) for llama.cpp, Ollama and LM Studio.")
     p.add_argument("run", metavar="RUN", help="a run directory")
     p.add_argument("--format", required=True, choices=FORMATS,
-                   help="hf: a Hugging Face directory; llama2c: model.bin + tokenizer.bin for run.c")
+                   help="hf: a Hugging Face directory; llama2c: model.bin + tokenizer.bin for run.c; gguf: one file "
+                        "for llama.cpp, Ollama and LM Studio")
+    p.add_argument("--dtype", choices=GGUF_DTYPES, help="gguf only: how the matrices are stored (default f32)")
     p.add_argument("--out", metavar="DIR", help="output directory (default RUN/hf or RUN/llama2c)")
     p.add_argument("--checkpoint", default="best", help="best (default), latest or step-NNNNNNNN")
     p.set_defaults(func=cmd_export)

@@ -55,12 +55,6 @@ def llama2c_problems(recipe: Recipe) -> list[str]:
     return problems
 
 
-def interleave_rope_rows(weight: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
-    """Half-split rows (j, j + head_dim/2) of each head -> interleaved rows (2j, 2j + 1)."""
-    dim_in = weight.shape[1]
-    return weight.reshape(n_heads, 2, head_dim // 2, dim_in).transpose(1, 2).reshape(n_heads * head_dim, dim_in)
-
-
 def write_model_bin(model, path: str | Path) -> None:
     c = model.config
     hd, kv = c.resolved_head_dim(), c.resolved_kv_heads()
@@ -73,8 +67,8 @@ def write_model_bin(model, path: str | Path) -> None:
 
     angles = rope.angles(0, c.context_length, rope.inverse_frequencies(hd, RUN_C_ROPE_BASE))
     tensors = [sd["tok_embeddings.weight"], *per_layer("attention_norm.weight"),
-               *per_layer("attention.wq.weight", lambda w: interleave_rope_rows(w, c.n_heads, hd)),
-               *per_layer("attention.wk.weight", lambda w: interleave_rope_rows(w, kv, hd)),
+               *per_layer("attention.wq.weight", lambda w: rope.interleave_rows(w, c.n_heads, hd)),
+               *per_layer("attention.wk.weight", lambda w: rope.interleave_rows(w, kv, hd)),
                *per_layer("attention.wv.weight"), *per_layer("attention.wo.weight"), *per_layer("ffn_norm.weight"),
                *per_layer("feed_forward.w1.weight"), *per_layer("feed_forward.w2.weight"),
                *per_layer("feed_forward.w3.weight"), sd["norm.weight"], angles.cos(), angles.sin()]

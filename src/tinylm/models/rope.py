@@ -46,3 +46,9 @@ def angles(start: int, length: int, inv_freq: torch.Tensor) -> torch.Tensor:
     """(length, len(inv_freq)) rotation angles of positions start .. start + length - 1."""
     positions = torch.arange(start, start + length, device=inv_freq.device, dtype=torch.float32)
     return torch.outer(positions, inv_freq)
+
+
+def interleave_rows(weight: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Rows of a q or k projection from our half-split layout (j, j + head_dim/2 rotate together, as in Hugging Face
+    Llama) to the interleaved one (2j, 2j + 1 rotate together) that llama2.c's run.c and llama.cpp use."""
+    return weight.reshape(n_heads, 2, head_dim // 2, weight.shape[1]).transpose(1, 2).reshape(weight.shape)

@@ -12,7 +12,7 @@ from tinylm.storage.rundir import RunDir
 
 
 def export_run(run_dir: str | Path, fmt: str, out_dir: str | Path | None = None, which: str = "best",
-               card: str | None = None) -> list[str]:
+               card: str | None = None, dtype: str | None = None) -> list[str]:
     """Export the run's checkpoint `which` (default folder RUN/FORMAT); README.md of an hf export is `card`, else
     the run's card when it has one. Returns lines worth printing."""
     run = RunDir(run_dir)
@@ -22,4 +22,4 @@ def export_run(run_dir: str | Path, fmt: str, out_dir: str | Path | None = None,
     model, recipe, tokenizer = load_run_model(run.path, which)
     if card is None and fmt == "hf" and run.card_file.is_file():
         card = run.card_file.read_text(encoding="utf-8")
-    return export_model(model, recipe, tokenizer, fmt, out_dir or run.export_dir(fmt), card)
+    return export_model(model, recipe, tokenizer, fmt, out_dir or run.export_dir(fmt), card, dtype)
