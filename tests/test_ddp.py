@@ -20,9 +20,8 @@ from tinylm.train.loop import prepare_run_data, train
 from tinylm.train.runtime import Context
 
 REPO = Path(__file__).resolve().parents[1]
-# batch_size and the device stay the recipe's: the two runs compare accumulation and processes
-TINY = [o for o in tiny_overrides() if not o.startswith(("train.batch_size", "train.device"))] + \
-    ["model.n_layers=2", "model.dropout=0.0"]
+# batch_size stays the recipe's: the two runs compare accumulation and processes (gloo, on the CPU)
+TINY = [o for o in tiny_overrides() if not o.startswith("train.batch_size")] + ["model.n_layers=2", "model.dropout=0.0"]
 
 
 def _final(run: Path) -> dict[str, torch.Tensor]:

@@ -50,6 +50,10 @@ def setup_context(train: TrainConfig) -> Context:
     use_cuda = train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available())
     ctx = Context(world=world, rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     if use_cuda:
+        if ctx.local_rank >= torch.cuda.device_count():
+            raise TinylmError(f"{int(os.environ.get('LOCAL_WORLD_SIZE', world))} processes on this machine but "
+                              f"{torch.cuda.device_count()} CUDA device(s): start one process per GPU, or set "
+                              "train.device = \"cpu\"")
         ctx.device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(ctx.device)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast on tensor cores
