@@ -102,7 +102,7 @@ def generate(model, prompts_ids: Sequence[Sequence[int]], sampling: Sampling = S
     was_training, threads = model.training, torch.get_num_threads()
     model.eval()
     if device.type == "cpu" and len(prompts) <= 4:
-        # Ops this small gain nothing from a second thread, and lose 10x or more when another process holds a core.
+        # Ops this small gain nothing from a second thread, and lose much more when another process holds a core.
         torch.set_num_threads(1)
     try:
         _decode(model, prompts, sampling, generator, rows, model.decode_step(fast))
