@@ -23,7 +23,7 @@ from tinylm.export.gguf import (
     gguf_tensor_names,
     storage_type,
 )
-from tinylm.infer.engine import generate
+from tinylm.infer.engine import generate, generate_text
 from tinylm.models import build_model
 from tinylm.recipe import Sampling, load_recipe, recipe_names, recipe_to_toml
 from tinylm.runs.publish import export_run
@@ -502,3 +502,20 @@ def test_llama_cpp_tokenizes_and_computes_as_tinylm(tmp_path, make, validation, 
         expected = {tokenizer.bos_id, tokenizer.eos_id} - {None}
         assert ends == (expected or {0})  # where tinylm's generate_text stops (no specials: the NUL byte)
 
+
+
+@pytest.mark.skipif(LLAMA_CPP is None or LLAMA_CPP[0] != "llama_cpp",
+                    reason="llama-cpp-python (the llama_cpp module) is not installed")
+def test_llama_cpp_writes_the_same_greedy_story(tmp_path, trained):
+    """A trained model, prompted as users prompt llama.cpp: the same greedy text as tinylm's sampler writes, ending
+    where tinylm's ends (llama.cpp adds the BOS and stops at the story-ending token itself)."""
+    model, recipe, tokenizer = trained
+    out, name, _ = export(tmp_path, model, recipe, tokenizer)
+    llm = LLAMA_CPP[1].Llama(model_path=str(out / name), n_ctx=model.max_positions, verbose=False, n_threads=1)
+    new_tokens = model.max_positions // 2  # well inside the context, where both stop by length alike
+    greedy = Sampling(max_new_tokens=new_tokens, temperature=0)
+    prefix = frame_prefix(tokenizer, recipe.data.framing)
+    for prompt in ("Once upon a time", "The little dog was sad because"):
+        ours = generate_text(model, tokenizer, [prompt], greedy, prefix=prefix)[0]
+        theirs = llm.create_completion(prompt, max_tokens=new_tokens, temperature=0.0, top_k=1, repeat_penalty=1.0)
+        assert theirs["choices"][0]["text"] == ours
