@@ -162,13 +162,14 @@ def cmd_sample(args) -> int:
     from tinylm.runs.loading import load_model
 
     device = resolve_device(args.device)
-    model, recipe, tokenizer = load_model(args.model, args.checkpoint, device=device)
+    loaded = load_model(args.model, args.checkpoint, device=device)
+    model, recipe, tokenizer = loaded
     sampling = recipe.sample.settings.with_changes(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty)
     prompts = args.prompt if args.prompt is not None else recipe.sample.prompts
     options = dict(prefix=frame_prefix(tokenizer, recipe.data.framing), stop=[_unescape(s) for s in args.stop],
-                   seed=args.seed)
+                   seed=args.seed, end_ids=loaded.end_ids)
     if len(prompts) == 1:  # one prompt: stream its text as it comes (the prompt first, once it is accepted)
         shown = []
 

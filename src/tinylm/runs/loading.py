@@ -11,7 +11,7 @@ import torch
 from tinylm.data import hub
 from tinylm.data.tokenizer import Tokenizer, load_tokenizer
 from tinylm.errors import TinylmError
-from tinylm.export.hf_import import load_hf_dir
+from tinylm.export.hf_import import hf_end_ids, load_hf_dir
 from tinylm.models import build_model
 from tinylm.recipe import Recipe
 from tinylm.storage.atomic import verify_manifest
@@ -28,6 +28,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     source: Path  # the checkpoint directory of a run, else the model directory
     run: RunDir | None = None  # set when the model comes from a run directory
+    end_ids: list[int] | None = None  # where generation stops when the directory says (else the tokenizer's)
 
     def __iter__(self):  # model, recipe, tokenizer = load_model(...)
         return iter((self.model, self.recipe, self.tokenizer))
@@ -63,6 +64,6 @@ def load_model(path: str | Path, which: str = "best", device: str | torch.device
         return load_run_model(local, which, device=device)
     if (local / "config.json").is_file():
         model, recipe, tokenizer = load_hf_dir(local, device=device)
-        return LoadedModel(model, recipe, tokenizer, local)
+        return LoadedModel(model, recipe, tokenizer, local, end_ids=hf_end_ids(local))
     raise TinylmError(f"{path}: neither a run directory (recipe.toml), a Hugging Face directory (config.json) nor a "
                       "hub model id (owner/name)")
