@@ -194,6 +194,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from tinylm.runs.publish import push_run
+
+    print(f"uploaded {args.run}/hf to {push_run(args.run, args.repo_id, private=args.private)}")
+    return 0
+
+
 def cmd_card(args) -> int:
     from tinylm.runs.card import write_card, write_samples
     from tinylm.runs.loading import load_run_model
@@ -316,6 +323,12 @@ def _add_use_commands(commands) -> None:
     p.add_argument("--out", metavar="DIR", help="output directory (default RUN/hf or RUN/llama2c)")
     p.add_argument("--checkpoint", default="best", help="best (default), latest or step-NNNNNNNN")
     p.set_defaults(func=cmd_export)
+
+    p = commands.add_parser("push", help="upload a run's Hugging Face export (RUN/hf) to a hub model repository")
+    p.add_argument("run", metavar="RUN", help="a run directory with an hf export (`tinylm export RUN --format hf`)")
+    p.add_argument("repo_id", metavar="REPO_ID", help="owner/name, created when it does not exist")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.set_defaults(func=cmd_push)
 
 
 def _add_report_commands(commands) -> None:

@@ -22,14 +22,15 @@ def format_problems(fmt: str, recipe: Recipe) -> list[str]:
     return []
 
 
-def export_model(model, recipe: Recipe, tokenizer, fmt: str, out_dir: str | Path, card: str | None = None) -> list[str]:
+def export_model(model, recipe: Recipe, tokenizer, fmt: str, out_dir: str | Path, card: str | None = None,
+                 attachments: dict[str, Path] | None = None) -> list[str]:
     """Write `model` in format `fmt` to out_dir (atomically); returns lines worth printing. Each format refuses what
-    it cannot hold with one line."""
+    it cannot hold with one line. `card` and `attachments` (name -> file beside the card) go into an hf export."""
     format_problems(fmt, recipe)  # an unknown format
     if fmt == "hf":
         from tinylm.export.hf import export_hf_model
 
-        return export_hf_model(model, recipe, tokenizer, out_dir, card)
+        return export_hf_model(model, recipe, tokenizer, out_dir, card, attachments)
     from tinylm.export.llama2c import export_llama2c_model
 
     return export_llama2c_model(model, recipe, tokenizer, out_dir)

@@ -18,6 +18,7 @@ config.json ("model_type": "tinylm-micromixer") and the tokenizer; tinylm loads 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -146,10 +147,12 @@ def _default_card(recipe: Recipe, arch_note: str) -> str:
             f"{arch_note}\n")
 
 
-def export_hf_model(model, recipe: Recipe, tokenizer, out_dir: str | Path, card: str | None = None) -> list[str]:
+def export_hf_model(model, recipe: Recipe, tokenizer, out_dir: str | Path, card: str | None = None,
+                    attachments: dict[str, Path] | None = None) -> list[str]:
     """Write `model` as a Hugging Face directory (see the module doc); returns lines worth printing.
 
-    `card` is the README.md text; without one a short placeholder is written (`tinylm card` writes the real one)."""
+    `card` is the README.md text; without one a short placeholder is written (`tinylm card` writes the real one).
+    `attachments` (name -> file) are copied in beside it: the card's loss plot and samples."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -173,6 +176,8 @@ def export_hf_model(model, recipe: Recipe, tokenizer, out_dir: str | Path, card:
         _write_json(tmp / "config.json", config)
         _export_tokenizer(tokenizer, prefix, tmp, model.max_positions)
         (tmp / "README.md").write_text(card if card is not None else _default_card(recipe, note), encoding="utf-8")
+        for name, source in (attachments or {}).items():
+            shutil.copyfile(source, tmp / name)
     if model.transformers_model_type is None:
         return [f"wrote {out_dir}: model.safetensors, config.json (model_type {native_model_type(model.family)}), "
                 "tokenizer.json", note.replace(":", ", so", 1).rstrip(".") + ", not with AutoModelForCausalLM"]
