@@ -168,8 +168,7 @@ class Recipe:
 
 SECTIONS = {"model": ModelConfig, "tokenizer": TokenizerConfig, "data": DataConfig, "train": TrainConfig,
             "sample": SampleConfig, "card": CardConfig}
-TRACKERS = ("tensorboard", "wandb", "trackio")
-_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.+-]*")
+_HUB_NAME = re.compile(r"([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.+-]*")
 TOP_LEVEL_KEYS = ("name", "source", "notes")
 
 
@@ -357,13 +356,14 @@ def validate(recipe: Recipe) -> None:
     _choice(tr.device, ("auto", "cpu", "cuda"), "train.device")
     _choice(tr.dtype, ("auto", "float32", "bfloat16"), "train.dtype")
     _require(tr.max_minutes >= 0, f"train.max_minutes must be >= 0, got {tr.max_minutes}")
-    for name in tr.report_to:
-        _choice(name, TRACKERS, "train.report_to")
-    _require(_HUB_NAME.fullmatch(recipe.card.license) is not None, f"card.license must be a hub license id such as "
-             f"mit or apache-2.0, got {recipe.card.license!r}")
-    for name in recipe.card.datasets:
-        _require(all(_HUB_NAME.fullmatch(part) for part in name.split("/", 1)),
-                 f"card.datasets must hold hub dataset ids (owner/name), got {name!r}")
+    _validate_publishing(recipe)
+
+
+def _validate_publishing(recipe: Recipe) -> None:  # where a run reports its figures; what its card tells the hub
+    for name in recipe.train.report_to:
+        _choice(name, ("tensorboard", "wandb", "trackio"), "train.report_to")
+    for key, names in (("license", [recipe.card.license]), ("datasets", recipe.card.datasets)):
+        _require(all(_HUB_NAME.fullmatch(n) for n in names), f"card.{key} takes hub ids, got {names}")
 
 
 def recipe_to_toml(recipe: Recipe) -> str:
