@@ -355,11 +355,11 @@ def validate(recipe: Recipe) -> None:
     _require(tr.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {tr.grad_clip}")
     _choice(tr.device, ("auto", "cpu", "cuda"), "train.device")
     _choice(tr.dtype, ("auto", "float32", "bfloat16"), "train.dtype")
-    _require(tr.max_minutes >= 0, f"train.max_minutes must be >= 0, got {tr.max_minutes}")
-    _validate_publishing(recipe)
+    _validate_session(recipe)
 
 
-def _validate_publishing(recipe: Recipe) -> None:  # where a run reports its figures; what its card tells the hub
+def _validate_session(recipe: Recipe) -> None:  # a run's time budget, where it reports, what its card tells the hub
+    _require(recipe.train.max_minutes >= 0, f"train.max_minutes must be >= 0, got {recipe.train.max_minutes}")
     for name in recipe.train.report_to:
         _choice(name, ("tensorboard", "wandb", "trackio"), "train.report_to")
     for key, names in (("license", [recipe.card.license]), ("datasets", recipe.card.datasets)):
