@@ -126,11 +126,17 @@ def cmd_train(args) -> int:
     # The command as it can be typed again (rebuilt from the parsed arguments, whoever called main()).
     words = ["tinylm", "train", args.recipe, *overrides_words(args.overrides), "--out", str(run)]
     words += (["--resume"] if args.resume else []) + (["--stop-after", str(args.stop_after)] if args.stop_after else [])
+    words += ["--init-from", args.init_from] if args.init_from else []
+    init = None
+    if args.init_from:
+        from tinylm.runs.loading import initialization
+
+        init = initialization(args.init_from, recipe)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
         words = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')}", "-m", "tinylm.cli",
                  *words[1:]]
     summary = train(recipe, run, resume=args.resume, command=shlex.join(words), progress=not args.quiet,
-                    stop_after=args.stop_after)
+                    stop_after=args.stop_after, init=init)
     if summary.rank == 0:
         best = f", best val loss {summary.best_val_loss:.4f}" if summary.best_val_loss is not None else ""
         print(f"{run}: step {summary.step} ({summary.stopped}), {summary.tokens:,} tokens{best}")
@@ -273,6 +279,8 @@ def _add_train_commands(commands) -> None:
     add_recipe_arguments(p)
     p.add_argument("--out", metavar="RUN", help="run directory (default runs/<recipe name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
+    p.add_argument("--init-from", dest="init_from", metavar="RUN_OR_HF_DIR_OR_HUB_ID",
+                   help="start a new run from these weights and their tokenizer (fresh optimizer and schedule)")
     p.add_argument("--stop-after", type=int, metavar="STEP",
                    help="stop cleanly (checkpoint) after STEP steps, keeping the schedule; continue with --resume")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
