@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -59,15 +60,52 @@ def test_a_tracker_that_is_not_installed_is_refused_before_any_work(tmp_path):
         tiny("train.report_to=[\"mlflow\"]")
 
 
-def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
-    pytest.importorskip("wandb", reason="wandb is not installed (an optional tracker; not in the dev extra)")
+def wandb_records(path: Path):
+    """The records of an offline run's .wandb file: a 7-byte header, then LevelDB log blocks of 32 KiB whose
+    chunks (checksum, length, type; 1 = whole, 2/3/4 = first/middle/last) carry serialized Record messages."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, pending = path.read_bytes(), 32768, 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if left < 7 or (length == 0 and kind == 0):  # the rest of a block is padding
+            pos += left
+            continue
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def test_wandb_offline_run_holds_the_metrics_and_the_recipe(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is not installed (an optional tracker, too heavy for the dev extra)")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    train(tiny("train.report_to=[\"wandb\"]"), tmp_path / "run", progress=False)
-    offline_runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert len(offline_runs) == 1
-    summary = json.loads((offline_runs[0] / "files" / "wandb-summary.json").read_text())
-    expected = metrics_by_key(tmp_path / "run")
-    assert summary["val_loss"] == pytest.approx(expected["val_loss"][max(expected["val_loss"])])
-    config = (offline_runs[0] / "files" / "config.yaml").read_text()
-    assert "llama2c-260k" in config
+    recipe = tiny("train.report_to=[\"wandb\"]")
+    train(recipe, tmp_path / "run", progress=False)
+    wandb = pytest.importorskip("wandb")
+    wandb.teardown()  # the writer process finishes the file after the run's finish() returns
+    (events,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    logged: dict[str, dict[int, float]] = {}
+    config = {}
+    kinds = []
+    for record in wandb_records(events):
+        kind = record.WhichOneof("record_type")
+        kinds.append(kind)
+        if kind == "history":
+            step = record.history.step.num
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                if not key.startswith("_"):  # wandb's own _runtime, _timestamp, _step
+                    logged.setdefault(key, {})[step] = json.loads(item.value_json)
+        elif kind in ("run", "config"):
+            updates = record.run.config.update if kind == "run" else record.config.update
+            config.update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in updates})
+    assert kinds[-1] == "exit"  # the whole file
+    assert logged == metrics_by_key(tmp_path / "run")
+    assert {k: v for k, v in config.items() if not k.startswith("_")} == recipe.to_dict()
