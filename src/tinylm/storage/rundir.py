@@ -4,7 +4,7 @@
     RUN/tokenizer.json   the tokenizer                  RUN/run.json        command, hardware, wall time
     RUN/data/            token shards (+ meta.json)     RUN/eval.json       the whole-split evaluation
     RUN/checkpoints/     step-NNNNNNNN/ and best/       RUN/README.md, loss.png, samples.md: the model card
-    RUN/hf/              the Hugging Face export
+    RUN/hf/              the Hugging Face export        RUN/tensorboard/    events, when train.report_to names it
 """
 
 from __future__ import annotations
