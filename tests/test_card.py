@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +97,116 @@ def test_card_and_compare_refuse_a_non_run(tmp_path, capsys):
     assert main(["card", str(tmp_path), "--no-samples"]) == 2
     assert main(["compare", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_card_metadata_is_what_the_hub_reads(demo_run):
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    from tinylm.runs.card import card_metadata
+
+    card = ModelCard((demo_run / "README.md").read_text())
+    data, evaluation = card.data, json.loads((demo_run / "eval.json").read_text())
+    assert (data.license, data.datasets, data.library_name) == ("mit", ["roneneldan/TinyStories"], "transformers")
+    assert [w["text"] for w in data.widget] == read_run(demo_run).recipe.sample.prompts
+    assert data.base_model is None  # trained from scratch
+    name, results = model_index_to_eval_results(data.to_dict()["model-index"])
+    assert name == "run"
+    assert {r.metric_type: r.metric_value for r in results} == {
+        "loss": evaluation["loss"], "perplexity": evaluation["perplexity"],
+        "bits_per_byte": evaluation["bits_per_byte"]}
+    splits = {(r.dataset_type, r.dataset_split) for r in results}
+    assert splits == {("roneneldan/TinyStories", "tinylm-hash-validation")}
+    assert "tinylm's validation split (0.05 of the stories of ../shared/data/tinystories/" in results[0].dataset_name
+    # license, datasets and base model come from the run, not from the code
+    info = read_run(demo_run)
+    info.recipe.card.license, info.recipe.card.datasets = "apache-2.0", ["someone/stories"]
+    info.run["init_from"] = {"source": "someone/base", "hub_id": "someone/base"}
+    changed = card_metadata(info)
+    assert (changed.license, changed.datasets, changed.base_model) == ("apache-2.0", ["someone/stories"],
+                                                                       "someone/base")
+    assert changed.eval_results[0].dataset_type == "someone/stories"
+
+
+def usage_section(card: str) -> str:
+    return card.split("## Usage", 1)[1]
+
+
+def test_hf_export_is_a_complete_hub_repository(demo_run):
+    from huggingface_hub import ModelCard
+
+    from tinylm.storage.atomic import verify_manifest
+
+    hf = demo_run / "hf"
+    assert (hf / "README.md").read_text() == (demo_run / "README.md").read_text()
+    assert (hf / "loss.png").read_bytes() == (demo_run / "loss.png").read_bytes()  # the card shows it
+    assert (hf / "samples.md").read_text() == (demo_run / "samples.md").read_text()
+    verify_manifest(hf)
+    usage = usage_section((hf / "README.md").read_text())
+    assert 'repo_id = "USER/MODEL"' in usage and str(demo_run) not in usage
+    assert ModelCard((hf / "README.md").read_text()).data.eval_results
+
+
+def test_export_before_the_card_has_a_valid_card(demo_run, tmp_path):
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    from tinylm.runs.publish import export_run
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("hf", "README.md", "loss.png", "samples.md"))
+    export_run(run, "hf")
+    card = ModelCard((run / "hf" / "README.md").read_text())
+    assert card.data.license == "mit" and len(card.data.eval_results) == 3
+    assert "![loss curve]" not in card.text and not (run / "hf" / "loss.png").exists()  # no image it lacks
+
+
+class RecordingHub:
+    """HfApi's create_repo and upload_folder, at the network boundary: records what would be sent."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, **kwargs):
+        self.calls.append(("create_repo", kwargs))
+        return f"https://huggingface.co/{kwargs['repo_id']}"
+
+    def upload_folder(self, **kwargs):
+        files = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
+        self.calls.append(("upload_folder", {**kwargs, "files": files}))
+
+
+def test_push_uploads_the_export_with_its_figures(demo_run):
+    from tinylm.runs.publish import push_run
+
+    hub = RecordingHub()
+    url = push_run(demo_run, "someone/tiny-demo", private=True, api=hub)
+    bpb = json.loads((demo_run / "eval.json").read_text())["bits_per_byte"]
+    assert url == "https://huggingface.co/someone/tiny-demo"
+    assert hub.calls == [
+        ("create_repo", {"repo_id": "someone/tiny-demo", "repo_type": "model", "private": True, "exist_ok": True}),
+        ("upload_folder", {"folder_path": str(demo_run / "hf"), "repo_id": "someone/tiny-demo", "repo_type": "model",
+                           "commit_message": f"tinystories-demo: 8 steps, 8,192 tokens, val bits per byte {bpb:.4f} "
+                                             "(tinylm)",
+                           "files": sorted(p.name for p in (demo_run / "hf").iterdir())})]
+    assert {"README.md", "loss.png", "model.safetensors", "generation_config.json"} <= set(hub.calls[1][1]["files"])
+
+
+def test_push_without_network_fails_in_one_line(demo_run, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    from tinylm.errors import TinylmError
+    from tinylm.runs.publish import push_run
+
+    closed = HfApi(endpoint="http://127.0.0.1:9", token="hf_placeholder")  # a port nothing listens on
+    with pytest.raises(TinylmError, match="cannot upload to the Hugging Face model someone/tiny-demo: ") as error:
+        push_run(demo_run, "someone/tiny-demo", api=closed)
+    assert "\n" not in str(error.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["push", str(demo_run), "someone/tiny-demo"]) == 2
+    assert main(["push", str(demo_run), "not a repo id"]) == 2
+    assert main(["push", str(tmp_path), "someone/tiny-demo"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith("tinylm: error: ") for line in err)
+    assert "HF_HUB_OFFLINE" in err[0] and "not a hub repository id" in err[1] and "not a run directory" in err[2]

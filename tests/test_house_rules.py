@@ -40,9 +40,16 @@ def _third_party_imports() -> set[str]:
     return names - set(sys.stdlib_module_names) - {"tinylm"}
 
 
+def _names(requirements: list[str]) -> set[str]:
+    return {IMPORT_NAMES.get(name, name) for name in (re.split(r"[<>=!~\[ ]", d, maxsplit=1)[0] for d in requirements)}
+
+
 def test_runtime_dependencies_are_exactly_what_the_code_imports():
-    declared = {re.split(r"[<>=!~\[ ]", d, maxsplit=1)[0] for d in PYPROJECT["project"]["dependencies"]}
-    assert {IMPORT_NAMES.get(d, d) for d in declared} == _third_party_imports()
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    optional = set().union(*(_names(reqs) for name, reqs in extras.items() if name != "dev"))
+    imported = _third_party_imports()
+    assert _names(PYPROJECT["project"]["dependencies"]) == imported - optional  # optional: the trackers
+    assert imported & optional == {"wandb", "trackio"}  # tensorboard comes in through torch.utils.tensorboard
 
 
 def test_version_floors_cover_what_the_code_uses():

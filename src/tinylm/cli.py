@@ -126,11 +126,17 @@ def cmd_train(args) -> int:
     # The command as it can be typed again (rebuilt from the parsed arguments, whoever called main()).
     words = ["tinylm", "train", args.recipe, *overrides_words(args.overrides), "--out", str(run)]
     words += (["--resume"] if args.resume else []) + (["--stop-after", str(args.stop_after)] if args.stop_after else [])
+    words += ["--init-from", args.init_from] if args.init_from else []
+    init = None
+    if args.init_from:
+        from tinylm.runs.loading import initialization
+
+        init = initialization(args.init_from, recipe)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
         words = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')}", "-m", "tinylm.cli",
                  *words[1:]]
     summary = train(recipe, run, resume=args.resume, command=shlex.join(words), progress=not args.quiet,
-                    stop_after=args.stop_after)
+                    stop_after=args.stop_after, init=init)
     if summary.rank == 0:
         best = f", best val loss {summary.best_val_loss:.4f}" if summary.best_val_loss is not None else ""
         print(f"{run}: step {summary.step} ({summary.stopped}), {summary.tokens:,} tokens{best}")
@@ -162,13 +168,14 @@ def cmd_sample(args) -> int:
     from tinylm.runs.loading import load_model
 
     device = resolve_device(args.device)
-    model, recipe, tokenizer = load_model(args.model, args.checkpoint, device=device)
+    loaded = load_model(args.model, args.checkpoint, device=device)
+    model, recipe, tokenizer = loaded
     sampling = recipe.sample.settings.with_changes(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty)
     prompts = args.prompt if args.prompt is not None else recipe.sample.prompts
     options = dict(prefix=frame_prefix(tokenizer, recipe.data.framing), stop=[_unescape(s) for s in args.stop],
-                   seed=args.seed)
+                   seed=args.seed, end_ids=loaded.end_ids)
     if len(prompts) == 1:  # one prompt: stream its text as it comes (the prompt first, once it is accepted)
         shown = []
 
@@ -190,6 +197,13 @@ def cmd_export(args) -> int:
 
     for line in export_run(args.run, args.format, args.out, which=args.checkpoint, dtype=args.dtype):
         print(line)
+    return 0
+
+
+def cmd_push(args) -> int:
+    from tinylm.runs.publish import push_run
+
+    print(f"uploaded {args.run}/hf to {push_run(args.run, args.repo_id, private=args.private)}")
     return 0
 
 
@@ -265,6 +279,8 @@ def _add_train_commands(commands) -> None:
     add_recipe_arguments(p)
     p.add_argument("--out", metavar="RUN", help="run directory (default runs/<recipe name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
+    p.add_argument("--init-from", dest="init_from", metavar="RUN_OR_HF_DIR_OR_HUB_ID",
+                   help="start a new run from these weights and their tokenizer (fresh optimizer and schedule)")
     p.add_argument("--stop-after", type=int, metavar="STEP",
                    help="stop cleanly (checkpoint) after STEP steps, keeping the schedule; continue with --resume")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -318,6 +334,12 @@ def _add_use_commands(commands) -> None:
     p.add_argument("--out", metavar="DIR", help="output directory (default RUN/hf or RUN/llama2c)")
     p.add_argument("--checkpoint", default="best", help="best (default), latest or step-NNNNNNNN")
     p.set_defaults(func=cmd_export)
+
+    p = commands.add_parser("push", help="upload a run's Hugging Face export (RUN/hf) to a hub model repository")
+    p.add_argument("run", metavar="RUN", help="a run directory with an hf export (`tinylm export RUN --format hf`)")
+    p.add_argument("repo_id", metavar="REPO_ID", help="owner/name, created when it does not exist")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.set_defaults(func=cmd_push)
 
 
 def _add_report_commands(commands) -> None:

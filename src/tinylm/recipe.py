@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -101,6 +102,7 @@ class TrainConfig:
     dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "float32", "bfloat16"
     compile: bool = False
     max_minutes: float = 0.0  # 0 = no wall-clock budget
+    report_to: list[str] = field(default_factory=list)  # trackers besides metrics.jsonl: tensorboard, wandb, trackio
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,12 @@ class SampleConfig(Sampling):
 
 
 @dataclass
+class CardConfig:  # the model card's hub metadata
+    license: str = "mit"  # a hub license id, e.g. mit, apache-2.0, cc-by-4.0
+    datasets: list[str] = field(default_factory=lambda: ["roneneldan/TinyStories"])  # hub ids of the data's source
+
+
+@dataclass
 class Recipe:
     name: str = "custom"
     source: str = ""  # the published model this recipe reproduces
@@ -152,13 +160,15 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    card: CardConfig = field(default_factory=CardConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 SECTIONS = {"model": ModelConfig, "tokenizer": TokenizerConfig, "data": DataConfig, "train": TrainConfig,
-            "sample": SampleConfig}
+            "sample": SampleConfig, "card": CardConfig}
+_HUB_NAME = re.compile(r"([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.+-]*")
 TOP_LEVEL_KEYS = ("name", "source", "notes")
 
 
@@ -345,7 +355,15 @@ def validate(recipe: Recipe) -> None:
     _require(tr.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {tr.grad_clip}")
     _choice(tr.device, ("auto", "cpu", "cuda"), "train.device")
     _choice(tr.dtype, ("auto", "float32", "bfloat16"), "train.dtype")
-    _require(tr.max_minutes >= 0, f"train.max_minutes must be >= 0, got {tr.max_minutes}")
+    _validate_session(recipe)
+
+
+def _validate_session(recipe: Recipe) -> None:  # a run's time budget, where it reports, what its card tells the hub
+    _require(recipe.train.max_minutes >= 0, f"train.max_minutes must be >= 0, got {recipe.train.max_minutes}")
+    for name in recipe.train.report_to:
+        _choice(name, ("tensorboard", "wandb", "trackio"), "train.report_to")
+    for key, names in (("license", [recipe.card.license]), ("datasets", recipe.card.datasets)):
+        _require(all(_HUB_NAME.fullmatch(n) for n in names), f"card.{key} takes hub ids, got {names}")
 
 
 def recipe_to_toml(recipe: Recipe) -> str:

@@ -12,8 +12,8 @@ from tinylm.errors import TinylmError
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # What tinylm reads from a model repository: configs, tokenizer and shard index (*.json), weights (only
-# safetensors) and the card. Our exports hold exactly these, so their manifest still verifies.
-MODEL_FILES = ["*.json", "*.safetensors", "*.md"]
+# safetensors) and the card with its plot. Our exports hold exactly these, so their manifest still verifies.
+MODEL_FILES = ["*.json", "*.safetensors", "*.md", "*.png"]
 
 
 def cache_dir() -> str | None:
@@ -32,9 +32,9 @@ def is_repo_id(text: str) -> bool:
     return _REPO_ID.fullmatch(text) is not None
 
 
-def _one_line(what: str, exc: Exception) -> TinylmError:
+def _one_line(what: str, exc: Exception, verb: str = "get") -> TinylmError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return TinylmError(f"cannot get {what}{' (offline)' if offline() else ''}: {first}")
+    return TinylmError(f"cannot {verb} {what}{' (offline)' if offline() else ''}: {first}")
 
 
 def dataset_file(repo_id: str, filename: str) -> Path:
@@ -56,3 +56,20 @@ def model_snapshot(repo_id: str) -> Path:
                                       local_files_only=offline()))
     except Exception as exc:  # as above
         raise _one_line(f"the Hugging Face model {repo_id}", exc) from None
+
+
+def upload_model_folder(folder: Path, repo_id: str, message: str, private: bool = False, api=None) -> str:
+    """Create the model repository (kept when it exists) and upload `folder` as one commit; returns its address.
+    `api` is an HfApi or an object with its create_repo and upload_folder (made here when None)."""
+    if offline():
+        raise TinylmError(f"cannot upload to the Hugging Face model {repo_id}: HF_HUB_OFFLINE is set")
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    try:
+        url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=message)
+    except Exception as exc:  # network, token, permissions: one line for the user
+        raise _one_line(f"to the Hugging Face model {repo_id}", exc, verb="upload") from None
+    return str(url)

@@ -101,6 +101,12 @@ class Tokenizer:
     def unk_id(self) -> int | None:
         return self._role("unknown")
 
+    @property
+    def story_end_ids(self) -> list[int]:
+        """The ids that end a generated story: EOS, and BOS (a model trained on BOS-framed stories starts the next
+        story with it)."""
+        return list(dict.fromkeys(i for i in (self.eos_id, self.bos_id) if i is not None))
+
     def encode(self, text: str) -> list[int]:
         if self._tiktoken is not None:
             return self._tiktoken.encode_ordinary(text)

@@ -29,9 +29,10 @@ def format_problems(fmt: str, recipe: Recipe) -> list[str]:
 
 
 def export_model(model, recipe: Recipe, tokenizer, fmt: str, out_dir: str | Path, card: str | None = None,
-                 dtype: str | None = None) -> list[str]:
+                 attachments: dict[str, Path] | None = None, dtype: str | None = None) -> list[str]:
     """Write `model` in format `fmt` to out_dir (atomically); returns lines worth printing. Each format refuses what
-    it cannot hold with one line. `dtype` is GGUF's storage type (f32, f16 or q8_0; default f32)."""
+    it cannot hold with one line. `card` and `attachments` (name -> file beside the card) go into an hf export;
+    `dtype` is GGUF's storage type (f32, f16 or q8_0; default f32)."""
     format_problems(fmt, recipe)  # an unknown format
     if dtype is not None and fmt != "gguf":
         raise TinylmError(f"--dtype applies to the gguf format only ({fmt} is written in float32)")
@@ -42,7 +43,7 @@ def export_model(model, recipe: Recipe, tokenizer, fmt: str, out_dir: str | Path
     if fmt == "hf":
         from tinylm.export.hf import export_hf_model
 
-        return export_hf_model(model, recipe, tokenizer, out_dir, card)
+        return export_hf_model(model, recipe, tokenizer, out_dir, card, attachments)
     from tinylm.export.llama2c import export_llama2c_model
 
     return export_llama2c_model(model, recipe, tokenizer, out_dir)

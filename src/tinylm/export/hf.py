@@ -18,6 +18,7 @@ config.json ("model_type": "tinylm-micromixer") and the tokenizer; tinylm loads 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -92,11 +93,18 @@ def hf_config(recipe: Recipe, tokenizer, max_positions: int) -> dict:
     }
 
 
-def generation_config(recipe: Recipe, tokenizer) -> dict:
-    s = recipe.sample
-    out = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
-           "max_new_tokens": s.max_new_tokens, "do_sample": s.temperature > 0,
+def generation_config(recipe: Recipe, tokenizer, max_positions: int) -> dict:
+    """What `generate` uses by default: it stops where `tinylm sample` stops, at any of the tokenizer's story end ids
+    (EOS, and BOS: a BOS-framed model starts the next story with it), and within the context."""
+    s, prefix = recipe.sample, frame_prefix(tokenizer, recipe.data.framing)
+    ends = tokenizer.story_end_ids
+    out = {"bos_token_id": tokenizer.bos_id, "eos_token_id": ends if len(ends) > 1 else (ends or [None])[0],
+           "pad_token_id": tokenizer.pad_id, "do_sample": s.temperature > 0,
            "repetition_penalty": s.repetition_penalty}
+    if len(prefix) + s.max_new_tokens < max_positions:
+        out["max_new_tokens"] = s.max_new_tokens
+    else:  # the budget reaches the context from the frame prefix alone: a total length bounds prompt and story
+        out["max_length"] = max_positions
     if s.temperature > 0:  # transformers' own defaults are top_k=50, top_p=1: write ours explicitly
         out.update(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
         if s.min_p > 0:
@@ -139,10 +147,12 @@ def _default_card(recipe: Recipe, arch_note: str) -> str:
             f"{arch_note}\n")
 
 
-def export_hf_model(model, recipe: Recipe, tokenizer, out_dir: str | Path, card: str | None = None) -> list[str]:
+def export_hf_model(model, recipe: Recipe, tokenizer, out_dir: str | Path, card: str | None = None,
+                    attachments: dict[str, Path] | None = None) -> list[str]:
     """Write `model` as a Hugging Face directory (see the module doc); returns lines worth printing.
 
-    `card` is the README.md text; without one a short placeholder is written (`tinylm card` writes the real one)."""
+    `card` is the README.md text; without one a short placeholder is written (`tinylm card` writes the real one).
+    `attachments` (name -> file) are copied in beside it: the card's loss plot and samples."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -158,7 +168,7 @@ def export_hf_model(model, recipe: Recipe, tokenizer, out_dir: str | Path, card:
         else:
             tensors = hf_state_dict(model)
             config = hf_config(recipe, tokenizer, model.max_positions)
-            _write_json(tmp / "generation_config.json", generation_config(recipe, tokenizer))
+            _write_json(tmp / "generation_config.json", generation_config(recipe, tokenizer, model.max_positions))
             note = "Load it with transformers' AutoModelForCausalLM and AutoTokenizer (no remote code)."
             if recipe.model.unembedding == "pinv":
                 note += " The pseudo-inverse unembedding pinv(E)^T is stored as an untied lm_head."
@@ -166,6 +176,8 @@ def export_hf_model(model, recipe: Recipe, tokenizer, out_dir: str | Path, card:
         _write_json(tmp / "config.json", config)
         _export_tokenizer(tokenizer, prefix, tmp, model.max_positions)
         (tmp / "README.md").write_text(card if card is not None else _default_card(recipe, note), encoding="utf-8")
+        for name, source in (attachments or {}).items():
+            shutil.copyfile(source, tmp / name)
     if model.transformers_model_type is None:
         return [f"wrote {out_dir}: model.safetensors, config.json (model_type {native_model_type(model.family)}), "
                 "tokenizer.json", note.replace(":", ", so", 1).rstrip(".") + ", not with AutoModelForCausalLM"]

@@ -112,23 +112,79 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _read_json(path: Path) -> dict:
+    """A JSON object file of the directory; {} when it is absent."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TinylmError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(value, dict):
+        raise TinylmError(f"{path}: expected a JSON object")
+    return value
+
+
+def auto_tokenizer_prefix(directory: Path, tokenizer) -> list[int]:
+    """The ids transformers' AutoTokenizer puts before a text from this directory: what tokenizer_config.json's
+    add_bos_token says when it says it (transformers then rebuilds the post-processor from it), else what
+    tokenizer.json's post-processor adds. Ids a template adds after the text are left out: a prompt is continued,
+    not closed."""
+    config = _read_json(directory / "tokenizer_config.json")
+    if "add_bos_token" in config or "add_eos_token" in config:
+        bos = config.get("bos_token")
+        bos = bos.get("content") if isinstance(bos, dict) else bos
+        bos_id = tokenizer.hf.token_to_id(bos) if isinstance(bos, str) else None
+        return [bos_id] if config.get("add_bos_token") and bos_id is not None else []
+    if tokenizer.hf.post_processor is None:
+        return []
+    encoding = tokenizer.hf.encode("a", add_special_tokens=True)
+    prefix = []
+    for token_id, special in zip(encoding.ids, encoding.special_tokens_mask, strict=True):
+        if not special:
+            break
+        prefix.append(token_id)
+    return prefix
+
+
+def _framing_of(prefix: list[int], tokenizer, where: str) -> str:
+    framings = {"none": [], "bos": [tokenizer.bos_id], "eos": [tokenizer.eos_id],
+                "sink_bos": [tokenizer.sink_id, tokenizer.bos_id]}
+    for framing, ids in framings.items():
+        if prefix == ids:
+            return framing
+    raise TinylmError(f"{where}: its tokenizer starts every text with ids {prefix}, which no tinylm framing "
+                      "(bos, eos, sink_bos, none) gives")
+
+
+def hf_end_ids(directory: str | Path) -> list[int] | None:
+    """Where generation stops for a directory tinylm did not write: generation_config.json's eos_token_id (else
+    config.json's), as transformers' `generate` reads it. None for tinylm's exports (the tokenizer's story end ids,
+    which their generation config holds too) and for a directory that names none."""
+    directory = Path(directory)
+    config = _read_json(directory / "config.json")
+    if isinstance(config.get("tinylm"), dict):
+        return None
+    for source in (_read_json(directory / "generation_config.json"), config):
+        ends = source.get("eos_token_id")
+        if ends is not None:
+            return [int(i) for i in (ends if isinstance(ends, list) else [ends])]
+    return None
+
+
 def _recipe_sections(cfg: dict, directory: Path, tokenizer, where: str) -> dict:
-    """The non-model recipe sections: ours from an export, else guessed from the tokenizer and generation config."""
+    """The non-model recipe sections: ours from an export, else taken from the tokenizer and generation config."""
     if isinstance(cfg.get("tinylm"), dict):
         return {k: v for k, v in cfg["tinylm"].items() if k != "model"}
     meta = tokenizer.meta
-    framing = "bos" if tokenizer.bos_id is not None else ("eos" if tokenizer.eos_id is not None else "none")
+    framing = _framing_of(auto_tokenizer_prefix(directory, tokenizer), tokenizer, where)
     sections = {"name": directory.resolve().name, "source": str(cfg.get("_name_or_path") or directory),
                 "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
                               "special_tokens": list(tokenizer.special_ids), "bos": meta.get("bos") or "",
                               "eos": meta.get("eos") or "", "sink": meta.get("sink") or ""},
                 "data": {"framing": framing}}
-    generation = directory / "generation_config.json"
-    if generation.is_file():
-        try:
-            g = json.loads(generation.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise TinylmError(f"{generation}: unreadable ({exc})") from None
+    g = _read_json(directory / "generation_config.json")
+    if g:
         sample = {"temperature": float(g.get("temperature", 1.0)) if g.get("do_sample") else 0.0,
                   "top_k": int(g.get("top_k", 50) or 0), "top_p": float(g.get("top_p", 1.0) or 1.0),
                   "min_p": float(g.get("min_p") or 0.0), "repetition_penalty": float(g.get("repetition_penalty", 1.0)),

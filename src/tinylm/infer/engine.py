@@ -178,13 +178,13 @@ class _TextWatcher:
 
 def generate_text(model, tokenizer, prompts: Sequence[str], sampling: Sampling = Sampling(),
                   prefix: Sequence[int] = (), stop: Sequence[str] = (), seed: int | None = None,
-                  stream: Callable[[int, str], None] | None = None) -> list[str]:
+                  stream: Callable[[int, str], None] | None = None, end_ids: Sequence[int] | None = None) -> list[str]:
     """Continue each text prompt; returns the new text of each (ending before a stop string, if one occurs).
 
     `sampling` is usually the recipe's (`recipe.sample.settings`). `prefix` is the recipe's frame prefix
     (data.shards.frame_prefix), so an empty prompt starts a story from BOS (or <sink> <s>). `stream(row, text)`
-    receives text as it is decided. The tokenizer's EOS ends a row, and so does its BOS: a model trained on
-    BOS-framed stories starts the next story with it."""
+    receives text as it is decided. A row ends at `end_ids`: by default the tokenizer's EOS and BOS
+    (`Tokenizer.story_end_ids`); a model directory written elsewhere names its own (`LoadedModel.end_ids`)."""
     prompts_ids = [list(prefix) + tokenizer.encode(p) for p in prompts]
     for row, ids in enumerate(prompts_ids, 1):
         if not ids:
@@ -192,7 +192,7 @@ def generate_text(model, tokenizer, prompts: Sequence[str], sampling: Sampling =
                               "(framing 'none'): give some text to continue")
     watcher = _TextWatcher(tokenizer, len(prompts), stop, stream)
     use_watcher = bool(watcher.stop) or stream is not None
-    end_ids = [i for i in (tokenizer.eos_id, tokenizer.bos_id) if i is not None]
+    end_ids = tokenizer.story_end_ids if end_ids is None else list(end_ids)
     new = generate(model, prompts_ids, sampling, eos_id=end_ids, seed=seed, stop=watcher if use_watcher else None)
     texts = []
     for row, ids in enumerate(new):

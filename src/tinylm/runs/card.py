@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from huggingface_hub import EvalResult, ModelCardData
+
 from tinylm.data.shards import frame_prefix
 from tinylm.infer.engine import generate_text
 from tinylm.recipe import Recipe, recipe_to_toml
@@ -12,6 +14,7 @@ from tinylm.runs.info import RunInfo, read_run
 from tinylm.storage.atomic import atomic_path, atomic_write_text
 from tinylm.storage.rundir import RunDir
 
+REPO_PLACEHOLDER = "USER/MODEL"  # the usage snippets name no machine's path
 TOKENIZER_NAMES = {"bytes": "raw UTF-8 bytes", "bpe": "byte-level BPE", "chars": "character vocabulary",
                    "gpt2": "GPT-2 BPE (tiktoken ranks)"}
 
@@ -79,7 +82,7 @@ def usage_text(info: RunInfo) -> str:
     s = info.recipe.sample
     if info.model.transformers_model_type is None:
         return (f"{type(info.model).__name__} has no transformers class; load the export with tinylm:\n\n```bash\n"
-                f"tinylm sample {info.path}/hf --prompt \"Once upon a time\"\n```")
+                f"tinylm sample {REPO_PLACEHOLDER} --prompt \"Once upon a time\"\n```")
     kwargs = [f"temperature={s.temperature:g}"] if s.temperature > 0 else []
     kwargs += [f"top_k={s.top_k}"] if s.top_k else []
     kwargs += [f"top_p={s.top_p:g}"] if s.top_p < 1 else []
@@ -87,9 +90,9 @@ def usage_text(info: RunInfo) -> str:
     kwargs += [f"repetition_penalty={s.repetition_penalty:g}"] if s.repetition_penalty != 1 else []
     sample = ", do_sample=True, " + ", ".join(kwargs) if kwargs else ""
     return ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"path = \"{info.path}/hf\"  # or the hub repository you uploaded it to\n"
-            "tokenizer = AutoTokenizer.from_pretrained(path)\n"
-            "model = AutoModelForCausalLM.from_pretrained(path)\n"
+            f"repo_id = \"{REPO_PLACEHOLDER}\"  # the hub repository it was pushed to, or the local hf directory\n"
+            "tokenizer = AutoTokenizer.from_pretrained(repo_id)\n"
+            "model = AutoModelForCausalLM.from_pretrained(repo_id)\n"
             "inputs = tokenizer(\"Once upon a time\", return_tensors=\"pt\")\n"
             f"out = model.generate(**inputs, max_new_tokens={s.max_new_tokens}{sample})\n"
             "print(tokenizer.decode(out[0], skip_special_tokens=True))\n```")
@@ -99,7 +102,8 @@ def evaluation_text(info: RunInfo) -> str:
     e = info.evaluation
     if not e:
         return "Not evaluated yet: run `tinylm eval` on the run directory, then `tinylm card` again."
-    return ("Mean over the whole validation split"
+    return ("Mean over the whole validation split (tinylm's own: stories held out by a hash of their text, not the "
+            "dataset's published validation split)"
             f" ({e.get('tokens', 0):,} tokens, {e.get('bytes', 0):,} bytes):\n\n"
             "| val loss (nats/token) | perplexity | bits per byte |\n|---|---|---|\n"
             f"| {e['loss']:.4f} | {e['perplexity']:.3f} | {e['bits_per_byte']:.4f} |\n\n"
@@ -134,12 +138,44 @@ def plot_loss(info: RunInfo, path: Path) -> bool:
     return True
 
 
+def base_model(info: RunInfo) -> str | None:
+    """The hub model a fine-tuned run started from (--init-from with a hub id), else None."""
+    start = info.run.get("init_from")
+    return start.get("hub_id") if isinstance(start, dict) else None
+
+
+def card_metadata(info: RunInfo) -> ModelCardData:
+    """The front matter the hub reads: license and datasets from the recipe's [card] section, the whole-split
+    evaluation as model-index results, the recipe's prompts as widget examples."""
+    recipe, e = info.recipe, info.evaluation
+    datasets = recipe.card.datasets
+    results = []
+    if e and datasets:
+        # Honest naming: tinylm holds out stories by a hash of their text, not the dataset's own validation split.
+        name = (f"{datasets[0]}, tinylm's validation split ({recipe.data.val_fraction:g} of the stories of "
+                f"{', '.join(recipe.data.paths) or recipe.data.hub_dataset} by a hash, seed {recipe.data.split_seed})")
+        common = dict(task_type="text-generation", task_name="Text Generation", dataset_type=datasets[0],
+                      dataset_name=name, dataset_split="tinylm-hash-validation")
+        results = [EvalResult(metric_type="loss", metric_name="val loss (nats/token)", metric_value=e["loss"],
+                              **common),
+                   EvalResult(metric_type="perplexity", metric_name="perplexity", metric_value=e["perplexity"],
+                              **common),
+                   EvalResult(metric_type="bits_per_byte", metric_name="bits per byte",
+                              metric_value=e["bits_per_byte"], **common)]
+    return ModelCardData(
+        language="en", license=recipe.card.license, library_name=library_name(info), pipeline_tag="text-generation",
+        tags=["tinylm", "tinystories", info.model.family], datasets=list(datasets) or None,
+        base_model=base_model(info), model_name=info.name, eval_results=results or None,
+        widget=[{"text": prompt} for prompt in recipe.sample.prompts if prompt] or None)
+
+
+def library_name(info: RunInfo) -> str:
+    return "transformers" if info.model.transformers_model_type else "tinylm"
+
+
 def render_card(info: RunInfo, samples: str, has_plot: bool) -> str:
     command = info.run.get("command") or "unknown"
-    library = "transformers" if info.model.transformers_model_type else "tinylm"
-    front = (f"---\nlanguage: en\nlicense: mit\nlibrary_name: {library}"
-             + f"\npipeline_tag: text-generation\ntags:\n- tinylm\n- tinystories\n- {info.model.family}\n"
-             "datasets:\n- roneneldan/TinyStories\n---\n")
+    front = f"---\n{card_metadata(info).to_yaml()}\n---\n"
     sections = [
         front,
         f"# {info.name}\n\nA {info.total_params / 1e6:.2f}M-parameter language model trained on TinyStories with "

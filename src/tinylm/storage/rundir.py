@@ -4,7 +4,7 @@
     RUN/tokenizer.json   the tokenizer                  RUN/run.json        command, hardware, wall time
     RUN/data/            token shards (+ meta.json)     RUN/eval.json       the whole-split evaluation
     RUN/checkpoints/     step-NNNNNNNN/ and best/       RUN/README.md, loss.png, samples.md: the model card
-    RUN/hf/              the Hugging Face export
+    RUN/hf/              the Hugging Face export        RUN/tensorboard/    events, when train.report_to names it
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tinylm.storage.atomic import MANIFEST_NAME, atomic_write_text, check_replac
 STEP_PATTERN = re.compile(r"^step-(\d{8})$")
 # Everything tinylm writes at the top of a run directory (exports go to RUN/FORMAT by default).
 RUN_ENTRIES = {"recipe.toml", "tokenizer.json", "data", "checkpoints", "metrics.jsonl", "run.json", "eval.json",
-               "README.md", "loss.png", "samples.md", "hf", "llama2c", "gguf", MANIFEST_NAME}
+               "README.md", "loss.png", "samples.md", "hf", "llama2c", "gguf", "tensorboard", "wandb", MANIFEST_NAME}
 
 
 def step_dir_name(step: int) -> str:
@@ -73,6 +73,10 @@ class RunDir:
     @property
     def run_file(self) -> Path:
         return self.path / "run.json"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tensorboard"
 
     @property
     def eval_file(self) -> Path:

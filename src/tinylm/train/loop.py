@@ -24,11 +24,13 @@ from tinylm.data.shards import BatchSampler, TokenShard, eval_batches
 from tinylm.data.tokenizer import Tokenizer, load_tokenizer
 from tinylm.errors import TinylmError
 from tinylm.models import build_model
+from tinylm.models.weights import load_checked
 from tinylm.recipe import Recipe, recipe_to_toml
 from tinylm.storage.atomic import atomic_write_json, atomic_write_text, verify_manifest
 from tinylm.storage.rundir import RunDir, step_dir_name
 from tinylm.train import checkpoints as ckpt
 from tinylm.train.evaluation import bits_per_byte, eval_batch_size, loss_sums
+from tinylm.train.initialization import Initialization, adopt_tokenizer
 from tinylm.train.metrics import MetricsFile, hardware_description, log_line, peak_flops
 from tinylm.train.rng import capture_rng, restore_rng, step_seed
 from tinylm.train.runtime import (
@@ -40,6 +42,7 @@ from tinylm.train.runtime import (
     setup_context,
 )
 from tinylm.train.schedule import learning_rate
+from tinylm.train.trackers import Trackers, check_trackers
 
 
 def _rank0_first(ctx: Context, work):
@@ -76,7 +79,7 @@ def check_resumable(recipe: Recipe, run: RunDir) -> None:
 
 
 def write_run_json(run: RunDir, recipe: Recipe, ctx: Context, command: str | None, tokens_per_step: int,
-                   resumed_from: int | None) -> dict[str, Any]:
+                   resumed_from: int | None, init: Initialization | None = None) -> dict[str, Any]:
     old = {}
     with contextlib.suppress(TinylmError):  # a damaged run.json only loses the history
         old = run.read_run_info()
@@ -85,6 +88,8 @@ def write_run_json(run: RunDir, recipe: Recipe, ctx: Context, command: str | Non
             "recipe": recipe.name, "hardware": hardware_description(ctx.device), "torch": torch.__version__,
             "world_size": ctx.world, "device": str(ctx.device), "dtype": ctx.dtype, "threads": ctx.threads,
             "tokens_per_step": tokens_per_step, "resumed_from": resumed_from, "history": history}
+    if init is not None:
+        info["init_from"] = {"source": init.source, "hub_id": init.hub_id}
     atomic_write_json(run.run_file, info)
     return info
 
@@ -103,26 +108,37 @@ class TrainSummary:
 
 
 def train(recipe: Recipe, run_dir: str | Path, resume: bool = False, command: str | None = None,
-          progress: bool = True, stop_after: int | None = None) -> TrainSummary:
+          progress: bool = True, stop_after: int | None = None, init: Initialization | None = None) -> TrainSummary:
     """Train `recipe` into `run_dir` (or continue its latest checkpoint); returns a summary of the run.
 
     `stop_after` ends this session cleanly (evaluation, checkpoint) once that many steps are done, leaving the
-    schedule as it is: `--resume` later continues exactly where it stopped."""
+    schedule as it is: `--resume` later continues exactly where it stopped. `init` starts a new run from existing
+    weights."""
+    check_trackers(recipe.train.report_to)  # before any work
     ctx = setup_context(recipe.train)
     try:
-        return Trainer(recipe, RunDir(run_dir), ctx, resume, command, progress).run(stop_after)
+        trainer = Trainer(recipe, RunDir(run_dir), ctx, resume, command, progress, init)
+        try:
+            return trainer.run(stop_after)
+        finally:
+            trainer.trackers.close()
     finally:
         if ctx.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, run: RunDir, ctx: Context, resume: bool, command: str | None, progress: bool):
+    def __init__(self, recipe: Recipe, run: RunDir, ctx: Context, resume: bool, command: str | None, progress: bool,
+                 init: Initialization | None = None):
         self.recipe, self.run_dir, self.ctx, self.progress = recipe, run, ctx, progress
         self.clock = time.perf_counter()
+        if init is not None and resume:
+            raise TinylmError("--init-from starts a new run and --resume continues one: give one of them")
         resume_from = self._resume_point(resume)
         if ctx.main:
             run.path.mkdir(parents=True, exist_ok=True)
+        if init is not None:  # before the data: the shards are made with the source's tokenizer
+            _rank0_first(ctx, lambda: adopt_tokenizer(run, init))
         self.tokenizer = prepare_run_data(recipe, run, ctx, progress)
         if ctx.main:  # written once the data fit the recipe: a refused start leaves the run's recipe as it was
             atomic_write_text(run.recipe_file, recipe_to_toml(recipe))
@@ -134,7 +150,11 @@ class Trainer:
         self.tokens_per_step = self.rows * ctx.world * context
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank
-        self.model = build_model(recipe.model).to(ctx.device)
+        self.model = build_model(recipe.model)
+        if init is not None:
+            load_checked(self.model, init.weights, f"--init-from {init.source}")
+            self.say(f"starting from the weights of {init.source} (fresh optimizer and schedule)")
+        self.model.to(ctx.device)
         where = f"{ctx.threads} thread{'s' * (ctx.threads > 1)}" if ctx.device.type == "cpu" else "1 GPU"
         self.say(f"{recipe.name}: {sum(p.numel() for p in self.model.parameters()):,} parameters on {ctx.device} "
                  f"({ctx.dtype}, {where} per process, {ctx.world} process{'es' * (ctx.world > 1)})")
@@ -149,12 +169,13 @@ class Trainer:
         if ctx.main:  # resumed: drop lines logged after the checkpoint; fresh: drop those of a crashed attempt
             self.metrics.truncate_after(self.step if resume_from is not None else -1)
             self.run_info = write_run_json(run, recipe, ctx, command, self.tokens_per_step,
-                                           self.step if resume_from is not None else None)
+                                           self.step if resume_from is not None else None, init)
         self.forward_model = self._forward_model()
         self.flops_per_token = self.model.flops_per_token()
         self.peak = peak_flops(ctx.device.type, torch.cuda.get_device_name(ctx.device)
                                if ctx.device.type == "cuda" else "") * ctx.world
         self.last_val: float | None = None
+        self.trackers = Trackers(recipe.train.report_to if ctx.main else [], run, recipe)  # opened last
 
     def _resume_point(self, resume: bool) -> Path | None:
         """The checkpoint to continue from (None for a fresh run), its tokenizer checked against the run's."""
@@ -243,10 +264,9 @@ class Trainer:
         bpb = bits_per_byte(val_loss * (self.val_shard.n_tokens - 1), self.val_shard.n_bytes)
         self.last_val = val_loss
         self.say(f"step {self.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, val bpb {bpb:.4f}")
-        if self.ctx.main:
-            self.metrics.append({"step": self.step, "tokens": self.step * self.tokens_per_step,
-                                 "time_s": round(self.elapsed(), 3), "train_loss": train_loss,
-                                 "val_loss": val_loss, "val_bpb": bpb})
+        self.record({"step": self.step, "tokens": self.step * self.tokens_per_step,
+                     "time_s": round(self.elapsed(), 3), "train_loss": train_loss, "val_loss": val_loss,
+                     "val_bpb": bpb})
         improved = self.step > 0 and val_loss < self.best_val
         if improved:
             self.best_val = val_loss
@@ -321,11 +341,16 @@ class Trainer:
         mfu = tokens_per_s * self.flops_per_token / self.peak
         lr = learning_rate(self.step - 1, self.recipe.train)
         self.say(log_line(self.step, loss, lr, seconds * 1000, tokens_per_s, mfu))
-        if self.ctx.main:
-            self.metrics.append({"step": self.step, "tokens": self.step * self.tokens_per_step,
-                                 "time_s": round(self.elapsed(), 3), "lr": lr, "loss": loss,
-                                 "ms_per_step": seconds * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu})
+        self.record({"step": self.step, "tokens": self.step * self.tokens_per_step,
+                     "time_s": round(self.elapsed(), 3), "lr": lr, "loss": loss, "ms_per_step": seconds * 1000,
+                     "tokens_per_s": tokens_per_s, "mfu": mfu})
         return now
+
+    def record(self, row: dict[str, Any]) -> None:
+        """One line of metrics.jsonl, and the same figures to the recipe's trackers (rank 0)."""
+        if self.ctx.main:
+            self.metrics.append(row)
+            self.trackers.log(row)
 
     def finish(self, reason: str, signum: int | None) -> TrainSummary:
         self.ctx.barrier()
