@@ -78,7 +78,7 @@ CASES = [
     (["params", "{files}/wrong_type.toml"], "model.n_layers: expected an integer"),
     (["params", "{files}/not_utf8.toml"], "cannot read recipe"),
     (["params", "{files}/missing.toml"], "recipe file not found"),
-    (["params", "{files}/a_directory"], "recipe file not found"),
+    (["params", "{files}/a_directory"], "is a directory"),
     (["params", "no-such-recipe"], "unknown recipe 'no-such-recipe'"),
     (["params", "micromixer-100k", "--set", "model.bogus=1"], "model.bogus: unknown key"),
     (["params", "micromixer-100k", "--set", "optimizer.lr=1"], "unknown section 'optimizer'"),

@@ -120,16 +120,21 @@ def cmd_train(args) -> int:
 
     from tinylm.recipe import load_recipe
     from tinylm.train import train
+    from tinylm.train.resume import resume_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     run = Path(args.out or Path("runs") / recipe.name)
+    resume = args.resume_from or args.resume
+    if resume:  # the run's own recipe, not the named one's defaults
+        recipe = resume_recipe(run, args.recipe, args.overrides)
     # The command as it can be typed again (rebuilt from the parsed arguments, whoever called main()).
     words = ["tinylm", "train", args.recipe, *overrides_words(args.overrides), "--out", str(run)]
-    words += (["--resume"] if args.resume else []) + (["--stop-after", str(args.stop_after)] if args.stop_after else [])
+    words += ["--resume-from", args.resume_from] if args.resume_from else ["--resume"] if args.resume else []
+    words += ["--stop-after", str(args.stop_after)] if args.stop_after else []
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
         words = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')}", "-m", "tinylm.cli",
                  *words[1:]]
-    summary = train(recipe, run, resume=args.resume, command=shlex.join(words), progress=not args.quiet,
+    summary = train(recipe, run, resume=resume, command=shlex.join(words), progress=not args.quiet,
                     stop_after=args.stop_after)
     if summary.rank == 0:
         best = f", best val loss {summary.best_val_loss:.4f}" if summary.best_val_loss is not None else ""
@@ -143,6 +148,8 @@ def cmd_eval(args) -> int:
     from tinylm.runs.evaluate import evaluate_path
 
     result = evaluate_path(args.run, which=args.checkpoint, data_dir=args.data, batch_size=args.batch_size)
+    if result.note:
+        print(f"tinylm: {result.note}", file=sys.stderr)
     if args.json:
         keys = ("loss", "perplexity", "bits_per_byte", "tokens", "bytes", "checkpoint")
         print(json.dumps({k: getattr(result, k) for k in keys}))
@@ -162,7 +169,10 @@ def cmd_sample(args) -> int:
     from tinylm.runs.loading import load_model
 
     device = resolve_device(args.device)
-    model, recipe, tokenizer = load_model(args.model, args.checkpoint, device=device)
+    loaded = load_model(args.model, args.checkpoint, device=device)
+    if loaded.note:
+        print(f"tinylm: {loaded.note}", file=sys.stderr)
+    model, recipe, tokenizer = loaded
     sampling = recipe.sample.settings.with_changes(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty)
@@ -199,8 +209,10 @@ def cmd_card(args) -> int:
 
     samples = None
     if not args.no_samples:
-        model, recipe, tokenizer = load_run_model(args.run, "best")
-        samples = write_samples(recipe, model, tokenizer, seed=args.seed)
+        loaded = load_run_model(args.run, "best")
+        if loaded.note:
+            print(f"tinylm: {loaded.note}", file=sys.stderr)
+        samples = write_samples(loaded.recipe, loaded.model, loaded.tokenizer, seed=args.seed)
     print(write_card(args.run, samples))
     return 0
 
@@ -264,7 +276,11 @@ def _add_train_commands(commands) -> None:
     p = commands.add_parser("train", help="train a recipe into a run directory (or continue one with --resume)")
     add_recipe_arguments(p)
     p.add_argument("--out", metavar="RUN", help="run directory (default runs/<recipe name>)")
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run's latest complete checkpoint, with the run's own recipe.toml (--set "
+                        "may change training settings such as train.max_steps)")
+    p.add_argument("--resume-from", metavar="CHECKPOINT",
+                   help="continue from this checkpoint (step-NNNNNNNN) instead, e.g. when the latest is damaged")
     p.add_argument("--stop-after", type=int, metavar="STEP",
                    help="stop cleanly (checkpoint) after STEP steps, keeping the schedule; continue with --resume")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -360,6 +376,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tinylm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tinylm sample ... | head`: the reader is gone, which is no error of ours
+        return _closed_pipe()
+
+
+def _closed_pipe() -> int:
+    """Point stdout at /dev/null so the interpreter's last flush cannot fail again, and exit as a process killed by
+    SIGPIPE does in a shell (128 + 13), the way `yes | head` ends."""
+    import contextlib
+    import os
+
+    with contextlib.suppress(OSError, ValueError):  # a stdout without a file descriptor has nothing to flush there
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 141
 
 
 if __name__ == "__main__":

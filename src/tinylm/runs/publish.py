@@ -19,7 +19,8 @@ def export_run(run_dir: str | Path, fmt: str, out_dir: str | Path | None = None,
     problems = format_problems(fmt, run.read_recipe())
     if problems:
         raise TinylmError(f"{run.path} cannot be exported to {fmt}: {'; '.join(problems)}")
-    model, recipe, tokenizer = load_run_model(run.path, which)
+    loaded = load_run_model(run.path, which)
     if card is None and fmt == "hf" and run.card_file.is_file():
         card = run.card_file.read_text(encoding="utf-8")
-    return export_model(model, recipe, tokenizer, fmt, out_dir or run.export_dir(fmt), card)
+    lines = export_model(loaded.model, loaded.recipe, loaded.tokenizer, fmt, out_dir or run.export_dir(fmt), card)
+    return ([f"note: {loaded.note}"] if loaded.note else []) + lines
