@@ -36,22 +36,22 @@ def cmd_recipes(args) -> int:
         load_recipe(args.name)  # validate before printing
         print(recipe_text(args.name), end="")
         return 0
-    from tinylm.models import build_model, count_parameters
+    from tinylm.models import count_from_shapes
 
     print(f"{'recipe':<20} {'parameters':>13}  source")
     for name in recipe_names():
         recipe = load_recipe(name)
-        total = count_parameters(build_model(recipe.model, device="meta")).total
+        total = count_from_shapes(recipe.model).total
         print(f"{name:<20} {total:>13,}  {recipe.source or '(no published model)'}")
     return 0
 
 
 def cmd_params(args) -> int:
-    from tinylm.models import build_model, count_parameters
+    from tinylm.models import count_from_shapes
     from tinylm.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    count = count_parameters(build_model(recipe.model, device="meta"))
+    count = count_from_shapes(recipe.model)
     print(f"{recipe.name} ({recipe.source or 'custom'})")
     print(f"total parameters:            {count.total:,}")
     print(f"without embeddings:          {count.without_embedding:,}")
