@@ -142,7 +142,9 @@ CASES = [
      "different [data] section"),
     # runs: existing ones are not overwritten; missing ones are named
     (["train", "micromixer-100k", "--out", "{run}", *SETS], "already holds a trained run"),
-    (["train", "llama2c-260k", "--out", "{run}", "--resume", *SETS], "different [model] section"),
+    (["train", "llama2c-260k", "--out", "{run}", "--resume", *SETS], "trained from recipe 'micromixer-100k'"),
+    (["train", "micromixer-100k", "--out", "{run}", "--resume", *SETS, "--set", "model.n_layers=2"],
+     "different [model] section: model.n_layers (3 in the run, 2 now)"),
     (["tokenizer", "train", "llama2c-260k", "--out", "{run}", *SETS], "holds a different tokenizer"),
     (["data", "prepare", "llama2c-260k", "--out", "{run}", *SETS], "is a bytes tokenizer"),
     (["train", "micromixer-100k", "--out", "{files}/no-run", "--resume", *SETS], "nothing to resume"),
