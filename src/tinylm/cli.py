@@ -36,22 +36,22 @@ def cmd_recipes(args) -> int:
         load_recipe(args.name)  # validate before printing
         print(recipe_text(args.name), end="")
         return 0
-    from tinylm.models import build_model, count_parameters
+    from tinylm.models import count_from_shapes
 
     print(f"{'recipe':<20} {'parameters':>13}  source")
     for name in recipe_names():
         recipe = load_recipe(name)
-        total = count_parameters(build_model(recipe.model, device="meta")).total
+        total = count_from_shapes(recipe.model).total
         print(f"{name:<20} {total:>13,}  {recipe.source or '(no published model)'}")
     return 0
 
 
 def cmd_params(args) -> int:
-    from tinylm.models import build_model, count_parameters
+    from tinylm.models import count_from_shapes
     from tinylm.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    count = count_parameters(build_model(recipe.model, device="meta"))
+    count = count_from_shapes(recipe.model)
     print(f"{recipe.name} ({recipe.source or 'custom'})")
     print(f"total parameters:            {count.total:,}")
     print(f"without embeddings:          {count.without_embedding:,}")
@@ -120,12 +120,17 @@ def cmd_train(args) -> int:
 
     from tinylm.recipe import load_recipe
     from tinylm.train import train
+    from tinylm.train.resume import resume_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     run = Path(args.out or Path("runs") / recipe.name)
+    resume = args.resume_from or args.resume
+    if resume:  # the run's own recipe, not the named one's defaults
+        recipe = resume_recipe(run, args.recipe, args.overrides)
     # The command as it can be typed again (rebuilt from the parsed arguments, whoever called main()).
     words = ["tinylm", "train", args.recipe, *overrides_words(args.overrides), "--out", str(run)]
-    words += (["--resume"] if args.resume else []) + (["--stop-after", str(args.stop_after)] if args.stop_after else [])
+    words += ["--resume-from", args.resume_from] if args.resume_from else ["--resume"] if args.resume else []
+    words += ["--stop-after", str(args.stop_after)] if args.stop_after else []
     words += ["--init-from", args.init_from] if args.init_from else []
     init = None
     if args.init_from:
@@ -135,7 +140,7 @@ def cmd_train(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
         words = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')}", "-m", "tinylm.cli",
                  *words[1:]]
-    summary = train(recipe, run, resume=args.resume, command=shlex.join(words), progress=not args.quiet,
+    summary = train(recipe, run, resume=resume, command=shlex.join(words), progress=not args.quiet,
                     stop_after=args.stop_after, init=init)
     if summary.rank == 0:
         best = f", best val loss {summary.best_val_loss:.4f}" if summary.best_val_loss is not None else ""
@@ -149,6 +154,8 @@ def cmd_eval(args) -> int:
     from tinylm.runs.evaluate import evaluate_path
 
     result = evaluate_path(args.run, which=args.checkpoint, data_dir=args.data, batch_size=args.batch_size)
+    if result.note:
+        print(f"tinylm: {result.note}", file=sys.stderr)
     if args.json:
         keys = ("loss", "perplexity", "bits_per_byte", "tokens", "bytes", "checkpoint")
         print(json.dumps({k: getattr(result, k) for k in keys}))
@@ -169,6 +176,8 @@ def cmd_sample(args) -> int:
 
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.checkpoint, device=device)
+    if loaded.note:
+        print(f"tinylm: {loaded.note}", file=sys.stderr)
     model, recipe, tokenizer = loaded
     sampling = recipe.sample.settings.with_changes(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -213,8 +222,10 @@ def cmd_card(args) -> int:
 
     samples = None
     if not args.no_samples:
-        model, recipe, tokenizer = load_run_model(args.run, "best")
-        samples = write_samples(recipe, model, tokenizer, seed=args.seed)
+        loaded = load_run_model(args.run, "best")
+        if loaded.note:
+            print(f"tinylm: {loaded.note}", file=sys.stderr)
+        samples = write_samples(loaded.recipe, loaded.model, loaded.tokenizer, seed=args.seed)
     print(write_card(args.run, samples))
     return 0
 
@@ -278,7 +289,11 @@ def _add_train_commands(commands) -> None:
     p = commands.add_parser("train", help="train a recipe into a run directory (or continue one with --resume)")
     add_recipe_arguments(p)
     p.add_argument("--out", metavar="RUN", help="run directory (default runs/<recipe name>)")
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run's latest complete checkpoint, with the run's own recipe.toml (--set "
+                        "may change training settings such as train.max_steps)")
+    p.add_argument("--resume-from", metavar="CHECKPOINT",
+                   help="continue from this checkpoint (step-NNNNNNNN) instead, e.g. when the latest is damaged")
     p.add_argument("--init-from", dest="init_from", metavar="RUN_OR_HF_DIR_OR_HUB_ID",
                    help="start a new run from these weights and their tokenizer (fresh optimizer and schedule)")
     p.add_argument("--stop-after", type=int, metavar="STEP",
@@ -385,6 +400,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tinylm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tinylm sample ... | head`: the reader is gone, which is no error of ours
+        return _closed_pipe()
+
+
+def _closed_pipe() -> int:
+    """Point stdout at /dev/null so the interpreter's last flush cannot fail again, and exit as a process killed by
+    SIGPIPE does in a shell (128 + 13), the way `yes | head` ends."""
+    import contextlib
+    import os
+
+    with contextlib.suppress(OSError, ValueError):  # a stdout without a file descriptor has nothing to flush there
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 141
 
 
 if __name__ == "__main__":

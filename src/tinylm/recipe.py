@@ -29,7 +29,7 @@ class ModelConfig:
     n_kv_heads: int = 0  # 0 = n_heads (multi-head attention)
     head_dim: int = 0  # 0 = dim // n_heads
     context_length: int = 256
-    vocab_size: int = 512
+    vocab_size: int = 4096  # room for the default tokenizer's ids
     unembedding: str = "tied"  # "tied", "untied" or "pinv" (logits = h @ pinv(E), simpler-llama)
     rope_theta: float = 10000.0
     rope_scaling: str = "none"  # "none", "linear" or "ntk" (context extension)
@@ -181,6 +181,8 @@ def recipe_text(name_or_path: str) -> str:
     """The TOML text of a shipped recipe name or a path."""
     path = Path(name_or_path)
     if name_or_path.endswith(".toml") or path.exists():
+        if path.is_dir():
+            raise TinylmError(f"recipe {name_or_path} is a directory: give a recipe name or a .toml file")
         if not path.is_file():
             raise TinylmError(f"recipe file not found: {name_or_path}")
         try:
@@ -239,6 +241,14 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     raw.setdefault(section, {})[key.strip()] = value
 
 
+def differences(saved: Recipe, wanted: Recipe, sections: tuple[str, ...]) -> list[str]:
+    """'section.key (saved value, now wanted value)' for each field of `sections` that differs."""
+    return [f"{name}.{f.name} ({getattr(getattr(saved, name), f.name)!r} in the run, "
+            f"{getattr(getattr(wanted, name), f.name)!r} now)"
+            for name in sections for f in fields(SECTIONS[name])
+            if getattr(getattr(saved, name), f.name) != getattr(getattr(wanted, name), f.name)]
+
+
 def _shown(text: str, quoted: bool = False) -> str:
     """A name from the user's input as it can stand in a one-line message (newlines and the like escaped)."""
     if not text.isprintable():
@@ -263,6 +273,8 @@ def _fill(cls, values: dict[str, Any], where: str):
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     if get_origin(hint) is list:
         (item_type,) = get_args(hint)
+        if isinstance(value, str):  # --set data.paths=/path/file.gz: a list of one
+            value = [value]
         if not isinstance(value, list):
             raise TinylmError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, item_type, where) for v in value]

@@ -10,7 +10,7 @@ from tinylm.data.corpus import load_corpus, split_stories, train_tokenizer
 from tinylm.data.shards import prepare_data
 from tinylm.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_stats
 from tinylm.errors import TinylmError
-from tinylm.recipe import Recipe, load_recipe
+from tinylm.recipe import Recipe, differences, load_recipe
 from tinylm.storage.rundir import RunDir
 
 
@@ -55,6 +55,10 @@ def prepare_run_inputs(recipe: Recipe, run: RunDir, progress: bool = True) -> Pr
         if tokenizer.kind != recipe.tokenizer.kind:
             raise TinylmError(f"{run.tokenizer_file} is a {tokenizer.kind} tokenizer but the recipe asks for "
                               f"{recipe.tokenizer.kind}; use another --out")
+        changed = differences(run.read_recipe(), recipe, ("tokenizer",)) if run.is_run() else []
+        if changed:
+            raise TinylmError(f"{run.tokenizer_file} holds a different tokenizer: {'; '.join(changed)}; use another "
+                              "--out, or replace it with `tinylm tokenizer train ... --force`")
     else:
         tokenizer, corpus = train_tokenizer(recipe)  # bpe/chars learn from the training split only
     if tokenizer.vocab_size > recipe.model.vocab_size:
@@ -78,12 +82,13 @@ def train_run_tokenizer(recipe: Recipe, run: RunDir, force: bool = False) -> Tra
     only with `force` (shards and checkpoints made with it stop matching)."""
     started = time.perf_counter()
     tokenizer, corpus = train_tokenizer(recipe)
-    if run.tokenizer_file.exists() and not force and \
-            load_tokenizer(run.tokenizer_file).fingerprint() != tokenizer.fingerprint():
+    replaced = run.tokenizer_file.exists() and \
+        load_tokenizer(run.tokenizer_file).fingerprint() != tokenizer.fingerprint()
+    if replaced and not force:
         raise TinylmError(f"{run.tokenizer_file} exists and holds a different tokenizer; pass --force to replace it "
                           "(shards and checkpoints made with the old one stop matching)")
     tokenizer.save(run.tokenizer_file)
-    run.write_recipe(recipe)
+    run.write_recipe(recipe, replace=replaced)  # recipe.toml says which tokenizer the run now holds
     return TrainedTokenizer(tokenizer, len(corpus.stories) if corpus is not None else None,
                             time.perf_counter() - started)
 
@@ -95,7 +100,10 @@ def measure_tokenizer(target: str, overrides: list[str]) -> tuple[Tokenizer, dic
     if run.path.is_dir() and run.tokenizer_file.is_file():
         if not run.is_run():
             raise TinylmError(f"{run.path} has no recipe.toml, so its data is unknown")
-        recipe = load_recipe(str(run.recipe_file), overrides)
+        if overrides:
+            raise TinylmError(f"--set does not apply to a run ({run.path}): its tokenizer and data are fixed; give a "
+                              "recipe to measure another setting")
+        recipe = run.read_recipe()
         tokenizer, corpus = load_tokenizer(run.tokenizer_file), load_corpus(recipe.data)
     else:
         recipe = load_recipe(target, overrides)

@@ -21,6 +21,7 @@ from tinylm.recipe import DataConfig, Recipe
 from tinylm.storage.atomic import atomic_directory, atomic_write_json, verify_manifest, write_manifest
 
 SHARD_FORMAT = 1
+SHARDS_KIND = "tinylm token shards"  # what data/manifest.json says it holds
 ENCODE_CHUNK = 4096  # stories per encode_batch call: bounded memory, a moving progress bar
 
 # ---------------------------------------------------------------- framing and shards
@@ -112,7 +113,7 @@ def prepare_data(recipe: Recipe, tokenizer: Tokenizer, data_dir: str | Path, pro
             "block_prefix": block_prefix(tokenizer, config.framing), "replaced_bytes": corpus.replaced_bytes,
             "duplicates": corpus.duplicates}
     bar = tqdm(total=len(corpus.stories), unit="story", desc="tokenising", disable=None if progress else True)
-    with atomic_directory(data_dir) as tmp:
+    with atomic_directory(data_dir, kind=SHARDS_KIND) as tmp:
         for name, stories in splits.items():
             n_tokens = 0
             with open(tmp / f"{name}.bin", "wb") as out:
@@ -130,7 +131,7 @@ def prepare_data(recipe: Recipe, tokenizer: Tokenizer, data_dir: str | Path, pro
                 n_bytes += 2 * (len(stories) - 1)  # the "\n\n" between stories is predicted text too
             meta[name] = {"n_tokens": n_tokens, "n_bytes": n_bytes, "n_stories": len(stories), "file": f"{name}.bin"}
         atomic_write_json(tmp / "meta.json", meta)
-        write_manifest(tmp, extra={"kind": "tinylm token shards"})
+        write_manifest(tmp, extra={"kind": SHARDS_KIND})
     bar.close()
     return {**meta, "reused": False, "seconds": time.perf_counter() - started}
 

@@ -157,7 +157,7 @@ def export_hf_model(model, recipe: Recipe, tokenizer, out_dir: str | Path, card:
 
     out_dir = Path(out_dir)
     prefix = frame_prefix(tokenizer, recipe.data.framing)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, kind="tinylm hf export") as tmp:
         if model.transformers_model_type is None:
             tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
             config = {"model_type": native_model_type(model.family), "architectures": [type(model).__name__],

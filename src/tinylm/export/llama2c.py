@@ -127,7 +127,7 @@ def export_llama2c_model(model, recipe: Recipe, tokenizer, out_dir: str | Path) 
         notes.append(f"run.c starts every sequence with id 1 as BOS; this tokenizer's BOS is {tokenizer.bos_id}")
     if tokenizer.kind != "chars":
         notes.append("run.c puts a ' ' token before the prompt (sentencepiece's dummy prefix); tinylm does not")
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, kind="tinylm llama2c export") as tmp:
         write_model_bin(model, tmp / "model.bin")
         write_tokenizer_bin(tokenizer, recipe.model.vocab_size, tmp / "tokenizer.bin")
     return [f"wrote {out_dir}/model.bin and {out_dir}/tokenizer.bin for llama2.c's run.c",

@@ -153,7 +153,7 @@ class _TextWatcher:
     turn into one (nor an unfinished UTF-8 character)."""
 
     def __init__(self, tokenizer, batch: int, stop: Sequence[str], stream: Callable[[int, str], None] | None):
-        self.tokenizer, self.stop, self.stream = tokenizer, [s for s in stop if s], stream
+        self.tokenizer, self.stop, self.stream = tokenizer, list(stop), stream
         self.emitted = [0] * batch
 
     def cut(self, text: str) -> int | None:
@@ -185,6 +185,8 @@ def generate_text(model, tokenizer, prompts: Sequence[str], sampling: Sampling =
     (data.shards.frame_prefix), so an empty prompt starts a story from BOS (or <sink> <s>). `stream(row, text)`
     receives text as it is decided. A row ends at `end_ids`: by default the tokenizer's EOS and BOS
     (`Tokenizer.story_end_ids`); a model directory written elsewhere names its own (`LoadedModel.end_ids`)."""
+    if any(s == "" for s in stop):
+        raise TinylmError("an empty stop string (--stop \"\") would end every completion before it starts")
     prompts_ids = [list(prefix) + tokenizer.encode(p) for p in prompts]
     for row, ids in enumerate(prompts_ids, 1):
         if not ids:

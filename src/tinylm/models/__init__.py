@@ -6,90 +6,30 @@
 - `unembedding_matrix()`, `max_positions`, `flops_per_token()` (training FLOPs, for MFU);
 - `family`, `describe()` and `detail_rows()` for model cards; `transformers_model_type` (None: no transformers
   class, so exports are tinylm's own).
-Everything that differs between architectures lives here: a new one is a module and a line in ARCHITECTURES.
+Everything that differs between architectures lives here: a new one is a module, a line in ARCHITECTURES (build.py)
+and its parameter shapes in shapes.SHAPES.
+The package's names load on first use, so importing it does not import torch: `tinylm recipes` and `tinylm params`
+count parameters from shapes alone (shapes.py) and answer at once.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass
+import importlib
 
-import torch
-import torch.nn as nn
+from tinylm.models.shapes import ParameterCount, count_from_shapes
 
-from tinylm.errors import TinylmError
-from tinylm.models.cache import KVCache, MixerState
-from tinylm.models.llama import Llama
-from tinylm.models.mixer import MicroMixer
-from tinylm.models.ops import IGNORE_INDEX
-from tinylm.recipe import ModelConfig
+# name -> the module that defines it, imported when the name is first used
+_LAZY = {"build_model": "build", "count_parameters": "build", "decay_split": "build", "ARCHITECTURES": "build",
+         "resolve_device": "build", "KVCache": "cache", "MixerState": "cache", "IGNORE_INDEX": "ops",
+         "Llama": "llama", "MicroMixer": "mixer"}
 
-ARCHITECTURES = {"llama": Llama, "mixer": MicroMixer}  # recipe model.arch -> class
-
-__all__ = ["build_model", "count_parameters", "ParameterCount", "KVCache", "MixerState", "IGNORE_INDEX",
-           "Llama", "MicroMixer", "decay_split", "ARCHITECTURES", "resolve_device"]
+__all__ = ["build_model", "count_parameters", "count_from_shapes", "ParameterCount", "KVCache", "MixerState",
+           "IGNORE_INDEX", "Llama", "MicroMixer", "decay_split", "ARCHITECTURES", "resolve_device"]
 
 
-def build_model(config: ModelConfig, device: str | torch.device | None = None) -> nn.Module:
-    """Build the architecture a recipe names; device="meta" allocates nothing (parameter counts of large models)."""
-    cls = ARCHITECTURES[config.arch]
-    if device is None:
-        return cls(config)
-    with torch.device(device):
-        return cls(config)
-
-
-def resolve_device(name: str, what: str = "--device") -> torch.device:
-    """cpu, cuda or cuda:N as a device, refused in one line when it is malformed or not on this machine."""
-    if name == "cpu":
-        return torch.device("cpu")
-    if name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
-        raise TinylmError(f"{what} must be cpu or cuda[:N], got '{name}'")
-    if not torch.cuda.is_available():
-        raise TinylmError(f"{what} {name}: no CUDA device is available")
-    device = torch.device(name)
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise TinylmError(f"{what} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def decay_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """llama2.c's optimizer groups: weight decay on tensors of 2 or more dimensions, none on norms and biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
-
-
-@dataclass
-class ParameterCount:
-    total: int
-    embedding: int
-    by_module: OrderedDict[str, int]
-    decayed: int
-    decayed_tensors: int
-    not_decayed: int
-    not_decayed_tensors: int
-
-    @property
-    def without_embedding(self) -> int:
-        return self.total - self.embedding
-
-
-def count_parameters(model: nn.Module) -> ParameterCount:
-    """Counts each tensor once (tied weights are shared); the embedding is the input token table."""
-    by_module: OrderedDict[str, int] = OrderedDict()
-    for name, param in model.named_parameters():
-        top = name.split(".")[0]
-        if top == "layers":
-            top = "layers." + ".".join(name.split(".")[2:-1])  # summed over layers: layers.attention.wq, ...
-        by_module[top] = by_module.get(top, 0) + param.numel()
-    decayed, not_decayed = decay_split(model)
-    total = sum(p.numel() for p in model.parameters())
-    return ParameterCount(
-        total=total,
-        embedding=model.tok_embeddings.weight.numel(),
-        by_module=by_module,
-        decayed=sum(p.numel() for p in decayed),
-        decayed_tensors=len(decayed),
-        not_decayed=sum(p.numel() for p in not_decayed),
-        not_decayed_tensors=len(not_decayed),
-    )
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value

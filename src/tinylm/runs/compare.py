@@ -26,14 +26,27 @@ def val_loss(info: RunInfo) -> float:
     return float(info.val_points[-1]["val_loss"]) if info.val_points else math.nan
 
 
+def measured_on(info: RunInfo) -> str:
+    """Which figures a row shows: a whole-split evaluation (eval.json) and a training-time estimate on a few batches
+    are not the same measurement."""
+    if "bits_per_byte" in info.evaluation:
+        return "whole split"
+    if info.val_points:
+        return f"estimate at step {info.val_points[-1].get('step', '?')} ({info.recipe.train.eval_batches} batches)"
+    return "none"
+
+
 def comparison_table(runs: list[RunInfo]) -> str:
     ordered = sorted(runs, key=lambda r: (math.isnan(bits_per_byte(r)), bits_per_byte(r)))
-    lines = ["| run | recipe | vocab | parameters | tokens seen | wall time | val loss | bits per byte |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | recipe | vocab | parameters | tokens seen | wall time | val loss | bits per byte | measured on |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in ordered:
         lines.append(f"| {r.name} | {r.recipe.name} | {r.recipe.model.vocab_size:,} | {r.total_params:,} | "
                      f"{r.tokens_seen:,} | {r.wall_time_s / 60:.1f} min | {val_loss(r):.4f} | "
-                     f"{bits_per_byte(r):.4f} |")
+                     f"{bits_per_byte(r):.4f} | {measured_on(r)} |")
+    if len({measured_on(r) == "whole split" for r in runs}) > 1:
+        lines.append("\nwhole split: `tinylm eval` on the whole validation split; estimate: the last periodic "
+                     "evaluation during training (run `tinylm eval RUN` for the whole split)")
     return "\n".join(lines)
 
 

@@ -20,17 +20,23 @@ def evaluate_path(path: str | Path, which: str = "best", data_dir: str | Path | 
     the shards of a run prepared with the same tokenizer (`data_dir`), unless it holds a data/ folder itself; a hub
     model always needs `data_dir`."""
     path = Path(path)
+    if batch_size is not None and batch_size < 1:
+        raise TinylmError(f"--batch-size: the batch size must be positive, got {batch_size}")
     if data_dir is None and not path.exists() and hub.is_repo_id(str(path)):
         raise TinylmError(f"{path}: a hub model needs --data DIR, the shards of a run prepared with its tokenizer")
     loaded = load_model(path, which, device=device)
     data = Path(data_dir) if data_dir else path / "data"
+    if loaded.run is None and data_dir is None and not data.is_dir():
+        raise TinylmError(f"{path} is a model directory without token shards: pass --data RUN/data, the shards of a "
+                          "run prepared with its tokenizer")
     shard = TokenShard(data / "val.bin")
     result = evaluate(loaded.model, loaded.tokenizer, shard, loaded.recipe.model.context_length,
                       batch_size or loaded.recipe.train.batch_size, device)
     step = None
     if loaded.run is not None:
         step = json.loads((loaded.source / MANIFEST_NAME).read_text(encoding="utf-8")).get("step")
-    result = dataclasses.replace(result, checkpoint=str(loaded.source), data=str(data), step=step)
+    result = dataclasses.replace(result, checkpoint=str(loaded.source), data=str(data), step=step,
+                                 note=loaded.note or "")
     if loaded.run is not None:
         atomic_write_json(loaded.run.eval_file, result.to_dict())
     return result

@@ -32,6 +32,7 @@ class LoadedModel:
     source: Path  # the checkpoint directory of a run, else the model directory
     run: RunDir | None = None  # set when the model comes from a run directory
     end_ids: list[int] | None = None  # where generation stops when the directory says (else the tokenizer's)
+    note: str | None = None  # why the checkpoint used is not the one asked for (worth telling the user)
 
     def __iter__(self):  # model, recipe, tokenizer = load_model(...)
         return iter((self.model, self.recipe, self.tokenizer))
@@ -51,7 +52,7 @@ def load_run_model(run_dir: str | Path, which: str = "best", device: str | torch
     model = build_model(recipe.model)
     load_weights(model, checkpoint / WEIGHTS_FILE)
     model.to(device).eval()
-    return LoadedModel(model, recipe, tokenizer, checkpoint, run)
+    return LoadedModel(model, recipe, tokenizer, checkpoint, run, run.checkpoint_note(which, checkpoint))
 
 
 def load_model(path: str | Path, which: str = "best", device: str | torch.device = "cpu") -> LoadedModel:

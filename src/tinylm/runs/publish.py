@@ -33,12 +33,14 @@ def export_run(run_dir: str | Path, fmt: str, out_dir: str | Path | None = None,
     problems = format_problems(fmt, run.read_recipe())
     if problems:
         raise TinylmError(f"{run.path} cannot be exported to {fmt}: {'; '.join(problems)}")
-    model, recipe, tokenizer = load_run_model(run.path, which)
+    loaded = load_run_model(run.path, which)
     attachments = None
     if fmt == "hf":
         run_card, attachments = hub_card(run)
         card = run_card if card is None else card
-    return export_model(model, recipe, tokenizer, fmt, out_dir or run.export_dir(fmt), card, attachments, dtype)
+    lines = export_model(loaded.model, loaded.recipe, loaded.tokenizer, fmt, out_dir or run.export_dir(fmt), card,
+                         attachments, dtype)
+    return ([f"note: {loaded.note}"] if loaded.note else []) + lines
 
 
 def commit_message(run: RunDir) -> str:

@@ -141,24 +141,43 @@ def _clean_leftovers(path: Path) -> None:
         _remove(old)
 
 
-def check_replaceable(path: Path) -> None:
+def manifest_kind(directory: Path) -> str | None:
+    """What a directory tinylm wrote holds (a checkpoint, token shards, an export), as its manifest records it;
+    None when the manifest does not say (written before kinds were recorded) or cannot be read."""
+    try:
+        manifest = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    kind = manifest.get("kind", manifest.get("format")) if isinstance(manifest, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def check_replaceable(path: Path, kind: str | None = None) -> None:
     """Only a directory tinylm wrote (it has a manifest.json) or an empty one is ever replaced: `--out ~` must not
-    delete a home directory."""
+    delete a home directory. With `kind`, a directory holding another kind of output (a run's checkpoint or token
+    shards given as an export's --out) is refused too."""
     if not path.is_dir():
         raise TinylmError(f"{path} exists and is not a directory: refusing to replace it")
     if any(path.iterdir()) and not (path / MANIFEST_NAME).is_file():
         raise TinylmError(f"{path} exists and was not written by tinylm (no {MANIFEST_NAME}): refusing to replace "
                           "it; choose another directory or empty this one")
+    held = manifest_kind(path) if kind is not None else None
+    if held is not None and held != kind:
+        raise TinylmError(f"{path} holds another kind of tinylm output ({held}, not {kind}): refusing to replace it; "
+                          "choose another directory")
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | Path, replace: bool = True, manifest: bool = True) -> Iterator[Path]:
+def atomic_directory(path: str | Path, replace: bool = True, manifest: bool = True,
+                     kind: str | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success it replaces `path`.
 
     At every instant `path` holds either the complete old version or the complete new one: the two are swapped in
     one atomic exchange where the system has it (Linux), otherwise the old one is moved aside only for the moment
     between two renames (and put back by the next write if a crash falls there). With `manifest`, a manifest.json
-    is written last when the block has not written one, so every such directory can be verified."""
+    is written last when the block has not written one, so every such directory can be verified. `kind` (what
+    the directory holds) goes in that manifest, and an existing `path` holding another kind is never replaced.
+    Every file follows the umask (some writers create theirs private), so an export can be shared as written."""
     path = Path(path)
     with _writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +185,7 @@ def atomic_directory(path: str | Path, replace: bool = True, manifest: bool = Tr
         if path.exists():
             if not replace:
                 raise TinylmError(f"{path} already exists")
-            check_replaceable(path)
+            check_replaceable(path, kind)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         os.chmod(tmp, _default_mode(directory=True))
     try:
@@ -174,9 +193,10 @@ def atomic_directory(path: str | Path, replace: bool = True, manifest: bool = Tr
             yield tmp
         with _writing(path):
             if manifest and not (tmp / MANIFEST_NAME).exists():
-                write_manifest(tmp)
+                write_manifest(tmp, extra={"kind": kind} if kind else None)
             for file in tmp.rglob("*"):
                 if file.is_file():
+                    os.chmod(file, _default_mode(directory=False))
                     with open(file, "rb+") as handle:
                         os.fsync(handle.fileno())
             _fsync_directory(tmp)

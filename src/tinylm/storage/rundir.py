@@ -112,16 +112,17 @@ class RunDir:
             raise TinylmError(f"{self.path} holds files tinylm did not write ({', '.join(foreign[:3])}"
                               f"{', ...' if len(foreign) > 3 else ''}): refusing to replace it; choose another --out")
 
-    def write_recipe(self, recipe: Recipe) -> None:
-        """Record the resolved recipe (an existing one is left as it is: it describes what was trained)."""
-        if not self.recipe_file.exists():
+    def write_recipe(self, recipe: Recipe, replace: bool = False) -> None:
+        """Record the resolved recipe (an existing one is left as it is, since it describes what was trained,
+        unless `replace`)."""
+        if replace or not self.recipe_file.exists():
             atomic_write_text(self.recipe_file, recipe_to_toml(recipe))
 
     # --------------------------------------------------------------------------------------------------- readers
-    def read_recipe(self) -> Recipe:
+    def read_recipe(self, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
         if not self.recipe_file.is_file():
             raise TinylmError(f"{self.path}: not a run directory (no recipe.toml)")
-        return recipe_from_toml(self.recipe_file.read_text(encoding="utf-8"), origin=str(self.recipe_file))
+        return recipe_from_toml(self.recipe_file.read_text(encoding="utf-8"), overrides, origin=str(self.recipe_file))
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """metrics.jsonl's records; a line cut short by a crash is skipped (the rest is still good)."""
@@ -170,6 +171,14 @@ class RunDir:
         if not (path / MANIFEST_NAME).is_file():
             raise TinylmError(f"{path}: no such complete checkpoint (use best, latest or step-NNNNNNNN)")
         return path
+
+    def checkpoint_note(self, which: str, chosen: Path) -> str | None:
+        """One line saying why `chosen` stands in for the checkpoint `which` names (a best cut short or damaged
+        until its manifest went missing); None when nothing needs saying."""
+        best = self.checkpoints_dir / "best"
+        if which == "best" and chosen != best and best.exists():
+            return f"used {chosen}: {best} is incomplete (no {MANIFEST_NAME})"
+        return None
 
     def has_checkpoints(self) -> bool:
         return bool(self.step_checkpoints()) or (self.checkpoints_dir / "best").exists()

@@ -58,7 +58,7 @@ def save_checkpoint(checkpoints: Path, step: int, model: nn.Module, state: dict[
     """Write checkpoints/step-NNNNNNNN (or checkpoints/NAME) atomically; `info` (val loss, tokenizer fingerprint)
     goes in the manifest."""
     path = checkpoints / (name or step_dir_name(step))
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, kind=CHECKPOINT_FORMAT) as tmp:
         save_weights(model, tmp / WEIGHTS_FILE)
         torch.save(state, tmp / STATE_FILE)
         write_manifest(tmp, MANIFEST_NAME, extra={"format": CHECKPOINT_FORMAT, "step": step, **(info or {})})
@@ -67,7 +67,7 @@ def save_checkpoint(checkpoints: Path, step: int, model: nn.Module, state: dict[
 
 def copy_checkpoint(source: Path, target: Path) -> None:
     """Copy a complete checkpoint directory (e.g. to checkpoints/best), atomically, manifest included."""
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, kind=CHECKPOINT_FORMAT) as tmp:
         for name in (WEIGHTS_FILE, STATE_FILE, MANIFEST_NAME):
             shutil.copy2(source / name, tmp / name)
 

@@ -83,6 +83,7 @@ class Evaluation:
     data: str = ""
     split: str = "val"
     step: int | None = None
+    note: str = ""  # why the checkpoint used is not the one asked for
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -26,12 +26,13 @@ from tinylm.errors import TinylmError
 from tinylm.models import build_model
 from tinylm.models.weights import load_checked
 from tinylm.recipe import Recipe, recipe_to_toml
-from tinylm.storage.atomic import atomic_write_json, atomic_write_text, verify_manifest
+from tinylm.storage.atomic import atomic_write_json, atomic_write_text
 from tinylm.storage.rundir import RunDir, step_dir_name
 from tinylm.train import checkpoints as ckpt
 from tinylm.train.evaluation import bits_per_byte, eval_batch_size, loss_sums
 from tinylm.train.initialization import Initialization, adopt_tokenizer
 from tinylm.train.metrics import MetricsFile, hardware_description, log_line, peak_flops
+from tinylm.train.resume import check_resumable, resume_checkpoint
 from tinylm.train.rng import capture_rng, restore_rng, step_seed
 from tinylm.train.runtime import (
     Context,
@@ -67,17 +68,6 @@ def prepare_run_data(recipe: Recipe, run: RunDir, ctx: Context, progress: bool) 
     return load_tokenizer(run.tokenizer_file)
 
 
-def check_resumable(recipe: Recipe, run: RunDir) -> None:
-    """Resuming needs the same model, tokenizer and data; training settings may change (e.g. more steps)."""
-    if not run.is_run():
-        raise TinylmError(f"{run.path}: nothing to resume (no run there); drop --resume to start one")
-    saved = run.read_recipe()
-    for section in ("model", "tokenizer", "data"):
-        if getattr(saved, section) != getattr(recipe, section):
-            raise TinylmError(f"{run.recipe_file}: the run was trained with a different [{section}] section; "
-                              "resume with the same recipe")
-
-
 def write_run_json(run: RunDir, recipe: Recipe, ctx: Context, command: str | None, tokens_per_step: int,
                    resumed_from: int | None, init: Initialization | None = None) -> dict[str, Any]:
     old = {}
@@ -107,9 +97,10 @@ class TrainSummary:
     checkpoint: str | None
 
 
-def train(recipe: Recipe, run_dir: str | Path, resume: bool = False, command: str | None = None,
+def train(recipe: Recipe, run_dir: str | Path, resume: bool | str = False, command: str | None = None,
           progress: bool = True, stop_after: int | None = None, init: Initialization | None = None) -> TrainSummary:
-    """Train `recipe` into `run_dir` (or continue its latest checkpoint); returns a summary of the run.
+    """Train `recipe` into `run_dir`, or continue it: `resume=True` from its latest complete checkpoint, a name
+    (step-NNNNNNNN) from that one. Returns a summary of the run.
 
     `stop_after` ends this session cleanly (evaluation, checkpoint) once that many steps are done, leaving the
     schedule as it is: `--resume` later continues exactly where it stopped. `init` starts a new run from existing
@@ -128,8 +119,8 @@ def train(recipe: Recipe, run_dir: str | Path, resume: bool = False, command: st
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, run: RunDir, ctx: Context, resume: bool, command: str | None, progress: bool,
-                 init: Initialization | None = None):
+    def __init__(self, recipe: Recipe, run: RunDir, ctx: Context, resume: bool | str, command: str | None,
+                 progress: bool, init: Initialization | None = None):
         self.recipe, self.run_dir, self.ctx, self.progress = recipe, run, ctx, progress
         self.clock = time.perf_counter()
         if init is not None and resume:
@@ -177,20 +168,16 @@ class Trainer:
         self.last_val: float | None = None
         self.trackers = Trackers(recipe.train.report_to if ctx.main else [], run, recipe)  # opened last
 
-    def _resume_point(self, resume: bool) -> Path | None:
-        """The checkpoint to continue from (None for a fresh run), its tokenizer checked against the run's."""
+    def _resume_point(self, resume: bool | str) -> Path | None:
+        """The checkpoint to continue from (None for a fresh run), checked before anything is written."""
         run = self.run_dir
         if not resume:
             if run.has_checkpoints():
                 raise TinylmError(f"{run.path} already holds a trained run: pass --resume to continue it, or --out "
                                   "elsewhere")
             return None
-        check_resumable(self.recipe, run)
-        latest = run.checkpoint("latest")
-        manifest = verify_manifest(latest)
-        if run.tokenizer_file.is_file():  # a replaced tokenizer must not rebuild the shards and go on
-            ckpt.check_tokenizer_fits(load_tokenizer(run.tokenizer_file), self.recipe, manifest, run.tokenizer_file)
-        return latest
+        check_resumable(self.recipe, run, self.ctx.world)
+        return resume_checkpoint(run, self.recipe, "latest" if resume is True else resume)
 
     def _forward_model(self) -> torch.nn.Module:
         """The module the steps call: compiled when the recipe asks, wrapped for data parallelism across ranks."""
@@ -308,7 +295,7 @@ class Trainer:
             self.evaluate_and_record()
         budget = t.max_minutes * 60.0
         bar = tqdm(total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (self.progress and self.ctx.main))
+                   disable=None if self.progress and self.ctx.main else True)  # None: only on a terminal
         reason, interval_start, interval_steps = None, time.perf_counter(), 0
         with StopRequest() as stop_request, bar:
             while reason is None:
