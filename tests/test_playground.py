@@ -8,6 +8,7 @@ import shutil
 
 import openai
 import pytest
+
 from live_server import live_server, scaled_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

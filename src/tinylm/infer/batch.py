@@ -22,6 +22,7 @@ from tinylm.recipe import Sampling
 
 # (chosen token's log-probability, [(id, log-probability)] of the most likely tokens), from the model's distribution
 TokenLogprobs = tuple[float, list[tuple[int, float]]]
+SMALL_BATCH = 4  # up to this many rows, a CPU step runs on one thread
 
 
 @dataclass(eq=False)
@@ -67,6 +68,7 @@ class ContinuousBatch:
         self.seen = torch.zeros((0, model.config.vocab_size), dtype=torch.bool, device=self.device)
         self.pending: deque[list[Row]] = deque()
         self.lock = threading.Lock()
+        self.threads = torch.get_num_threads()
 
     def submit(self, rows: list[Row]) -> None:
         """Queue rows that share one prompt (prefilled once); they join at the next step with room."""
@@ -113,7 +115,15 @@ class ContinuousBatch:
             for slot, row in enumerate(self.slots):
                 if row is None:
                     self.cache.set_length(slot, 0)  # a free slot computes at position 0 and nothing reads it
+            self._set_threads(len(self.slots))
             self.logits = self.decode(chosen, self.cache).float()
+
+    def _set_threads(self, rows: int) -> None:
+        """One thread for a few rows on a CPU: ops this small gain nothing from a second thread, and lose 10x or more
+        when another process holds a core. More rows get the threads the batch was made with."""
+        threads = 1 if self.device.type == "cpu" and rows <= SMALL_BATCH else self.threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
     def fail_all(self, message: str) -> None:
         """End every row with an error (the step raised): the batch starts again empty."""

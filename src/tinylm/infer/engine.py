@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from tinylm.errors import TinylmError
-from tinylm.infer.batch import ContinuousBatch, Row
+from tinylm.infer.batch import SMALL_BATCH, ContinuousBatch, Row
 from tinylm.infer.text import TextStream
 from tinylm.recipe import Sampling
 
@@ -76,9 +76,8 @@ def generate(model, prompts_ids: Sequence[Sequence[int]], sampling: Sampling = S
         batch.submit([row])
     was_training, threads = model.training, torch.get_num_threads()
     model.eval()
-    if device.type == "cpu" and len(prompts) <= 4:
-        # Ops this small gain nothing from a second thread, and lose 10x or more when another process holds a core.
-        torch.set_num_threads(1)
+    if device.type == "cpu" and len(prompts) <= SMALL_BATCH:
+        torch.set_num_threads(1)  # the prefills too (the batch sets its steps' threads itself)
     try:
         while not batch.idle():
             batch.step()
