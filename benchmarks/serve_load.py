@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -61,17 +60,20 @@ def make_run(path: Path):
     return model, tokenizer
 
 
-def start_server(run: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(run: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, str, Path]:
+    """`tinylm serve` in a child process on a free port; its log goes to a file beside the run."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    server = subprocess.Popen([sys.executable, "-m", "tinylm.cli", "serve", str(run), "--name", "bench", "--port",
-                               "0", "--max-batch", str(max_batch)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-    for line in server.stderr:
-        if "Uvicorn running on" in line:
-            # keep reading its log, so a full pipe never stalls it
-            threading.Thread(target=server.stderr.read, daemon=True).start()
-            return server, "http://127.0.0.1:" + line.rsplit(":", 1)[1].split()[0]
-    raise RuntimeError("the server did not start")
+    log = run.parent / "server.log"
+    with open(log, "w") as sink:
+        server = subprocess.Popen([sys.executable, "-m", "tinylm.cli", "serve", str(run), "--name", "bench",
+                                   "--port", "0", "--max-batch", str(max_batch)], env=env, stdout=sink, stderr=sink)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and server.poll() is None:
+        found = [line for line in log.read_text().splitlines() if "Uvicorn running on" in line]
+        if found:
+            return server, "http://127.0.0.1:" + found[0].rsplit(":", 1)[1].split()[0], log
+        time.sleep(0.1)
+    raise RuntimeError("the server did not start: " + log.read_text()[-2000:])
 
 
 async def one_stream(http: httpx.AsyncClient, seed: int, new_tokens: int, record: dict) -> None:
@@ -145,13 +147,16 @@ def main() -> None:
         run = Path(folder) / "bench"
         model, tokenizer = make_run(run)
         generate(model, [tokenizer.encode(PROMPT)] * 8, Sampling(max_new_tokens=4, **SETTINGS))  # warm up
-        server, url = start_server(run, args.threads, max(args.clients))
+        server, url, log = start_server(run, args.threads, max(args.clients))
         try:
             asyncio.run(load(url, 1, 1, 4, args.timeout))  # warm up the server
             result = measure(model, tokenizer, url, args)
         finally:
             server.terminate()
             server.wait(30)
+        if sum(result["errors"].values()):
+            problems = [line for line in log.read_text().splitlines() if "INFO" not in line]
+            print("server log, past its access lines:", *problems[-20:], sep="\n  ")
     print(json.dumps(result))
 
 

@@ -113,8 +113,13 @@ def test_logprobs_are_the_models(client, runs):
         assert chosen == pytest.approx(expected.max().item(), abs=1e-4)
         assert sorted(top.values()) == pytest.approx(expected.topk(3).values.tolist()[::-1], abs=1e-4)
         ids.append(int(expected.argmax()))
-    echoed = client.completions.create(model="story", prompt=PROMPT, max_tokens=3, temperature=0, echo=True)
+    echoed = client.completions.create(model="story", prompt=PROMPT, max_tokens=3, temperature=0, echo=True,
+                                       logprobs=1)
     assert echoed.choices[0].text == PROMPT + done.choices[0].text[:3]
+    assert echoed.choices[0].logprobs.tokens[:len(PROMPT)] == list(PROMPT)  # byte tokens, BOS left out
+    assert echoed.choices[0].logprobs.token_logprobs[:len(PROMPT)] == [None] * len(PROMPT)
+    nothing = client.completions.create(model="story", prompt=PROMPT, max_tokens=0)
+    assert nothing.choices[0].text == "" and nothing.usage.completion_tokens == 0
 
 
 def test_errors_in_the_openai_format(client, server):

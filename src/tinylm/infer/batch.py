@@ -144,7 +144,10 @@ class ContinuousBatch:
             room = None if self.max_rows is None else self.max_rows - self.live()
             while self.pending and (room is None or len(self.pending[0]) <= room):
                 group = self.pending.popleft()
-                group = [row for row in group if not row.cancelled] or None
+                for row in group:
+                    if row.cancelled or row.budget <= 0:  # nothing to generate: done without a prefill
+                        self._end(row, "cancelled" if row.cancelled else "length")
+                group = [row for row in group if row.finish_reason is None] or None
                 if group is None:
                     continue
                 admitted.append(group)
@@ -207,6 +210,10 @@ class ContinuousBatch:
 
     def _finish(self, slot: int, reason: str) -> None:
         row, self.slots[slot] = self.slots[slot], None
+        self._end(row, reason)
+
+    @staticmethod
+    def _end(row: Row, reason: str) -> None:
         row.finish_reason = reason
         if row.on_finish is not None:
             row.on_finish(row)

@@ -152,7 +152,8 @@ class CompletionRun:
         prompt = self.request.prompts[choice.prompt] if self.request.echo else ""
         if self.request.logprobs is not None:
             # Echoed prompt tokens are listed without log-probabilities (the prompt is prefilled, not scored).
-            echoed = [choice.tokenizer.decode([i]) for i in self.request.prompt_ids[choice.prompt]] if prompt else []
+            framed = self.request.prompt_ids[choice.prompt][len(self.request.model.prefix):]
+            echoed = [choice.tokenizer.decode([i]) for i in framed] if prompt else []
             logprobs = logprobs_body(echoed + choice.tokens, [None] * len(echoed) + choice.token_logprobs,
                                      [None] * len(echoed) + choice.top_logprobs, 0)
         return {"index": choice.index, "text": prompt + text, "logprobs": logprobs, "finish_reason": reason}

@@ -45,6 +45,16 @@ class _RowPositions:
         self.lengths = [self.lengths[i] for i in rows.tolist()]
 
 
+def _with_room(storage: torch.Tensor, used: int, rows: int) -> torch.Tensor:
+    """`storage` (rows along dim 1) with room for `rows` rows: itself, or a copy of its `used` rows in one at least
+    twice as large, so that rows joining one by one cost few copies of the whole cache."""
+    if rows <= storage.shape[1]:
+        return storage
+    grown = storage.new_zeros((storage.shape[0], max(rows, 2 * storage.shape[1]), *storage.shape[2:]))
+    grown[:, :used] = storage[:, :used]
+    return grown
+
+
 class KVCache(_RowPositions):
     """Preallocated keys and values for every layer. Values are (layers, batch, kv_heads, max_len, head_dim); keys
     are stored transposed, (layers, batch, kv_heads, head_dim, max_len), so that a one-token query's scores are a
@@ -52,9 +62,18 @@ class KVCache(_RowPositions):
 
     def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, device, dtype):
         super().__init__(batch_size, device)
-        self.keys = torch.zeros((n_layers, batch_size, n_kv_heads, head_dim, max_len), device=device, dtype=dtype)
-        self.values = torch.zeros((n_layers, batch_size, n_kv_heads, max_len, head_dim), device=device, dtype=dtype)
+        # Storage may hold more rows than the batch (room to grow); `keys` and `values` are the batch's rows.
+        self._keys = torch.zeros((n_layers, batch_size, n_kv_heads, head_dim, max_len), device=device, dtype=dtype)
+        self._values = torch.zeros((n_layers, batch_size, n_kv_heads, max_len, head_dim), device=device, dtype=dtype)
         self.max_len = max_len
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._keys[:, :len(self.lengths)]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._values[:, :len(self.lengths)]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this chunk's (batch, kv_heads, length, head_dim) keys/values at each row's position and return every
@@ -77,10 +96,10 @@ class KVCache(_RowPositions):
         return self.keys[layer, ..., :end].transpose(-1, -2), self.values[layer, :, :, :end]
 
     def grow(self, rows: int) -> None:
-        """Append `rows` empty rows (new requests join the batch there)."""
-        def grown(t: torch.Tensor) -> torch.Tensor:
-            return torch.cat([t, t.new_zeros((t.shape[0], rows, *t.shape[2:]))], dim=1)
-        self.keys, self.values = grown(self.keys), grown(self.values)
+        """Append `rows` rows at position 0 (new requests join the batch there; `load_rows` fills them)."""
+        used = len(self.lengths)
+        self._keys = _with_room(self._keys, used, used + rows)
+        self._values = _with_room(self._values, used, used + rows)
         self.lengths += [0] * rows
 
     def load_rows(self, slots: list[int], source: KVCache, source_rows: list[int]) -> None:
@@ -97,8 +116,10 @@ class KVCache(_RowPositions):
             self.lengths[slot] = source.lengths[row]
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keep only these batch rows (finished rows leave the batch)."""
-        self.keys, self.values = self.keys.index_select(1, rows), self.values.index_select(1, rows)
+        """Keep only these batch rows (finished rows leave the batch), in this order, at the front of the storage."""
+        kept = len(rows)
+        self._keys[:, :kept] = self.keys.index_select(1, rows)
+        self._values[:, :kept] = self.values.index_select(1, rows)
         self._keep(rows)
 
 
@@ -107,10 +128,14 @@ class MixerState(_RowPositions):
 
     def __init__(self, n_layers, batch_size, dim, device):
         super().__init__(batch_size, device)
-        self.sums = torch.zeros((n_layers, batch_size, dim), device=device, dtype=torch.float32)
+        self._sums = torch.zeros((n_layers, batch_size, dim), device=device, dtype=torch.float32)
+
+    @property
+    def sums(self) -> torch.Tensor:
+        return self._sums[:, :len(self.lengths)]
 
     def grow(self, rows: int) -> None:
-        self.sums = torch.cat([self.sums, self.sums.new_zeros((self.sums.shape[0], rows, self.sums.shape[2]))], 1)
+        self._sums = _with_room(self._sums, len(self.lengths), len(self.lengths) + rows)
         self.lengths += [0] * rows
 
     def load_rows(self, slots: list[int], source: MixerState, source_rows: list[int]) -> None:
@@ -119,5 +144,5 @@ class MixerState(_RowPositions):
             self.lengths[slot] = source.lengths[row]
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        self.sums = self.sums.index_select(1, rows)
+        self._sums[:, :len(rows)] = self.sums.index_select(1, rows)
         self._keep(rows)
