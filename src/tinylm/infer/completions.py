@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from tinylm.infer.batch import Row, TokenLogprobs
@@ -62,11 +63,36 @@ class Choice:
         return logprobs_body([piece], [chosen], [alternatives], 0)
 
 
-class CompletionRun:
-    """The rows of one request and the events they send. Events arrive on the loop through call_soon_threadsafe."""
+class Mailbox:
+    """Events from the batch's thread to the event loop's queues, delivered in one wake-up of the loop however many
+    arrived meanwhile (a step of 64 rows sends 64 events: one wake-up rather than 64)."""
 
-    def __init__(self, request: CompletionRequest, loop: asyncio.AbstractEventLoop):
-        self.request, self.loop = request, loop
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock = loop, threading.Lock()
+        self.items: list[tuple[asyncio.Queue, tuple]] = []
+
+    def post(self, queue: asyncio.Queue, event: tuple) -> None:
+        with self.lock:
+            self.items.append((queue, event))
+            if len(self.items) > 1:  # a delivery is already on its way
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop has closed: nobody is listening
+            pass
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
+class CompletionRun:
+    """The rows of one request and the events they send (through the loop's Mailbox)."""
+
+    def __init__(self, request: CompletionRequest, mailbox: Mailbox):
+        self.request, self.mailbox = request, mailbox
         self.queue: asyncio.Queue = asyncio.Queue()
         self.choices = [Choice(p * request.n + j, p, request, self._post)
                         for p in range(len(request.prompts)) for j in range(request.n)]
@@ -78,10 +104,7 @@ class CompletionRun:
         return [[c.row for c in self.choices[p * n:(p + 1) * n]] for p in range(len(self.request.prompts))]
 
     def _post(self, event: tuple) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the loop has closed: nobody is listening
-            pass
+        self.mailbox.post(self.queue, event)
 
     def cancel(self) -> None:
         for choice in self.choices:

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from tinylm.infer.batch import BatchWorker, ContinuousBatch
-from tinylm.infer.completions import CompletionRun
+from tinylm.infer.completions import CompletionRun, Mailbox
 from tinylm.infer.openai_api import ApiError, Limits, ServedModel, parse_completion
 
 OPEN_PATHS = {"/", "/health", "/playground.html"}  # the page and the health check need no key
@@ -46,6 +46,7 @@ def create_app(models: list[ServedModel], api_key: str | None = None, limits: Li
 
     app = FastAPI(title="tinylm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.workers = workers
+    app.state.mailbox = None  # made on the serving loop by its first request
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -91,7 +92,9 @@ def _add_api(app: FastAPI, models: list[ServedModel], workers: dict[str, BatchWo
         if worker.batch.waiting() + completion.rows > limits.max_queue:
             raise ApiError(429, f"model {completion.model.name} has {limits.max_queue} rows waiting: retry shortly",
                            code="queue_full", headers={"Retry-After": "1"})
-        run = CompletionRun(completion, asyncio.get_running_loop())
+        if app.state.mailbox is None:
+            app.state.mailbox = Mailbox(asyncio.get_running_loop())
+        run = CompletionRun(completion, app.state.mailbox)
         for group in run.groups():
             worker.submit(group)
         if completion.stream:
