@@ -65,8 +65,15 @@ def test_the_page_generates_compares_and_shades(page, server, tmp_path):
                                              top_p=1, extra_body={"top_k": 0, "min_p": 0, "repetition_penalty": 1})
         # the page shows what the API gives for the same settings and seed
         assert shown == "The cat" + expected.choices[0].text
-        shades = {tokens.nth(j).evaluate("t => t.style.background") for j in range(30)}
-        assert len(shades) > 5 and all(s.startswith("rgba") for s in shades)
+        shaded = tokens.evaluate_all("ts => ts.map(t => [+t.dataset.p, t.style.background])")
+        assert len({shade for _, shade in shaded}) > 1 and all(s.startswith("rgba") for _, s in shaded)
+
+        def greenness(shade: str) -> int:  # green minus red: the likelier the token, the greener
+            red, green = map(int, shade[5:].split(",")[:2])
+            return green - red
+
+        least, most = min(shaded), max(shaded)
+        assert least[0] < most[0] and greenness(least[1]) < greenness(most[1])
     # a token whose text is shown (a byte-level model's part of a character shows once the character is whole)
     shown = panes.nth(0).locator(".tok").evaluate_all("ts => ts.findIndex(t => t.getBoundingClientRect().width > 3)")
     panes.nth(0).locator(".tok").nth(shown).hover()
