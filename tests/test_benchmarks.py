@@ -29,3 +29,11 @@ def test_generate_speed_reports_its_keys():
     result = last_json_line("generate_speed.py", "--new-tokens", "4")
     for key in ("batch1_tokens_per_s", "batch64_tokens_per_s", "transformers_batch1_tokens_per_s", "ratio_batch1"):
         assert result[key] > 0
+
+
+def test_serve_load_reports_its_keys():
+    result = last_json_line("serve_load.py", "--clients", "1", "3", "--new-tokens", "4", "--requests", "1")
+    assert result["clients"] == [1, 3] and result["errors"] == {"1": 0, "3": 0}
+    for key in ("tokens_per_s", "offline_tokens_per_s"):
+        assert set(result[key]) == {"1", "3"} and min(result[key].values()) > 0
+    assert result["ratio_64_vs_offline"] > 0

@@ -228,8 +228,8 @@ class Counter(nn.Module):
         return forward_step(self)
 
     def forward(self, ids, targets=None, cache=None):
-        assert ids.shape[1] + cache.pos <= self.max_positions
-        self.fed += ids.t().tolist()
+        assert ids.shape[1] + max(cache.lengths) <= self.max_positions
+        self.fed.append(ids.tolist())
         cache.advance(ids.shape[1])
         return torch.nn.functional.one_hot((ids + 1) % self.config.vocab_size, self.config.vocab_size).float() * 9, None
 
@@ -239,9 +239,12 @@ def test_engine_feeds_each_row_its_own_sequence():
     prompts = [[1, 2, 3, 4, 5], [10], [20, 30]]
     out = generate(model, prompts, Sampling(max_new_tokens=4, temperature=0))
     assert out == [[6, 7, 8, 9], [11, 12, 13, 14], [31, 32, 33, 34]]
-    # Lockstep: one position per step for every row, after a prefill of the shortest prompt; each row is fed its
-    # prompt, then its own samples; a row that has ended is dropped from the batch (row 1 after position 3, ...).
-    assert model.fed == [[1, 10, 20], [2, 11, 30], [3, 12, 31], [4, 13, 32], [5, 33], [6], [7], [8]]
+    # Each prompt is prefilled in one pass (prompts of one length together), then every row is fed its own samples,
+    # one per step, each at its own position; the last sample of a row is never fed.
+    assert model.fed == [[[1, 2, 3, 4, 5]], [[10]], [[20, 30]], [[6], [11], [31]], [[7], [12], [32]], [[8], [13], [33]]]
+    model.fed.clear()
+    generate(model, [[1, 2], [7, 8], [4]], Sampling(max_new_tokens=2, temperature=0))
+    assert model.fed == [[[1, 2], [7, 8]], [[4]], [[3], [9], [5]]]
 
 
 def test_rows_ending_early_do_not_change_the_others():

@@ -201,6 +201,18 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from tinylm.infer.openai_api import Limits
+    from tinylm.models import resolve_device
+    from tinylm.runs.serving import load_served, serve
+
+    if args.max_batch < 1:
+        raise TinylmError(f"--max-batch must be >= 1, got {args.max_batch}")
+    models = load_served(args.models, args.name, args.checkpoint, resolve_device(args.device))
+    serve(models, args.host, args.port, args.api_key, Limits(max_batch=args.max_batch, max_rows=args.max_batch))
+    return 0
+
+
 def cmd_export(args) -> int:
     from tinylm.runs.publish import export_run
 
@@ -336,6 +348,20 @@ def _add_use_commands(commands) -> None:
     p.add_argument("--checkpoint", default="best", help="for a run: best (default), latest or step-NNNNNNNN")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.set_defaults(func=cmd_sample)
+
+    p = commands.add_parser("serve", help="an OpenAI-compatible completions server and a playground page",
+                            description="Serve each model at /v1/completions (streaming, continuous batching) with "
+                                        "a playground at / to compare two models side by side.")
+    p.add_argument("models", nargs="+", metavar="RUN_OR_DIR", help="run directories, Hugging Face directories or "
+                                                                    "hub ids; each is named by its directory")
+    p.add_argument("--name", action="append", help="a model's name instead (repeatable, one per model, in order)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    p.add_argument("--api-key", dest="api_key", help="require 'Authorization: Bearer KEY' on every API request")
+    p.add_argument("--max-batch", dest="max_batch", type=int, default=64, help="rows decoding together per model")
+    p.add_argument("--checkpoint", default="best", help="for a run: best (default), latest or step-NNNNNNNN")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.set_defaults(func=cmd_serve)
 
     p = commands.add_parser("export", help="export a run for Hugging Face transformers, llama2.c or llama.cpp",
                             description="hf: a transformers directory (LlamaForCausalLM; MicroMixer runs get a "

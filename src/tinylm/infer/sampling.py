@@ -67,8 +67,9 @@ def sampling_weights(settings: Sampling, logits: torch.Tensor, seen: torch.Tenso
 
 
 def pick(settings: Sampling, logits: torch.Tensor, seen: torch.Tensor | None,
-         generator: torch.Generator) -> torch.Tensor:
-    """One id per row: argmax at temperature 0, else a draw from softmax(processed scores)."""
+         generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+    """One id per row: argmax at temperature 0, else a draw from softmax(processed scores). A list holds each
+    row's own generator."""
     if settings.temperature == 0:
         return processed_scores(settings, logits, seen).argmax(dim=-1)
     return sample_from(sampling_weights(settings, logits, seen), generator)
@@ -84,10 +85,14 @@ def _up_to_top_p(settings: Sampling, logits: torch.Tensor, seen: torch.Tensor | 
     return top_p_filter(top_k_filter(scores, settings.top_k), settings.top_p)
 
 
-def sample_from(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def sample_from(weights: torch.Tensor, generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
     """Inverse-CDF draw from non-negative (batch, vocab) weights, one uniform number per row (torch.multinomial
-    costs milliseconds per step on a CPU). u < 1, so u * total < total (fp32 rounding included) and the first
+    costs milliseconds per step on a CPU), from one generator or from each row's own (so a row draws the same
+    numbers whatever shares its batch). u < 1, so u * total < total (fp32 rounding included) and the first
     cumulative sum above it ends on an id of non-zero weight."""
     cdf = weights.cumsum(dim=-1)
-    u = torch.rand((weights.shape[0], 1), generator=generator, device=weights.device, dtype=cdf.dtype)
+    if isinstance(generator, list):
+        u = torch.cat([torch.rand((1, 1), generator=g, device=weights.device, dtype=cdf.dtype) for g in generator])
+    else:
+        u = torch.rand((weights.shape[0], 1), generator=generator, device=weights.device, dtype=cdf.dtype)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=weights.shape[-1] - 1).squeeze(-1)

@@ -1,8 +1,9 @@
 """One model interface for every architecture. `build_model(config)` gives an nn.Module with:
 
 - `forward(ids, targets=None, cache=None, return_logits=True) -> (logits, loss)`;
-- `new_cache(batch_size, max_len)` (its `keep_rows(rows)` drops finished rows) and `decode_step(fast)`, a
-  one-token step for the sampling engine;
+- `new_cache(batch_size, max_len)`, whose rows each keep their own position (`grow`, `load_rows` and `keep_rows`
+  let rows join and leave a running batch), and `decode_step(fast)`, a one-token step for the sampling engine that
+  takes rows at different positions;
 - `unembedding_matrix()`, `max_positions`, `flops_per_token()` (training FLOPs, for MFU);
 - `family`, `describe()` and `detail_rows()` for model cards; `transformers_model_type` (None: no transformers
   class, so exports are tinylm's own).

@@ -72,18 +72,29 @@ class FastLlama:
         return self.packed
 
     def step(self, ids: torch.Tensor, cache) -> torch.Tensor:
-        """Feed one id per row at position cache.pos; returns (batch, vocab) logits for the next position."""
-        pos, batch = cache.pos, ids.shape[0]
+        """Feed one id per row, each at its row's position (cache.lengths); returns (batch, vocab) logits for the
+        next position. Rows at different positions attend up to the furthest one, their later slots masked."""
+        batch = ids.shape[0]
         heads, kv, hd = self.n_heads, self.n_kv, self.head_dim
         n_qk = (heads + kv) * hd
+        pos, mask = cache.offsets(), None
+        layers = len(self.layers)
+        if isinstance(pos, torch.Tensor):
+            end = int(pos.max()) + 1
+            mask = torch.zeros((batch, 1, end), dtype=self.cos.dtype, device=ids.device)
+            mask.masked_fill_(torch.arange(end, device=ids.device) > pos[:, None, None], -math.inf)
+            rows = torch.arange(batch, device=ids.device)
+            key_slots = [_RowSlots(cache.keys[layer], (rows, slice(None), slice(None), pos)) for layer in range(layers)]
+            value_slots = [_RowSlots(cache.values[layer], (rows, slice(None), pos)) for layer in range(layers)]
+        else:
+            end = pos + 1
+            key_slots, value_slots = cache.keys[..., pos].unbind(0), cache.values[:, :, :, pos].unbind(0)
         cos, sin = self.cos[pos], self.sin[pos]
         # This step's views of the cache, a few ops per step rather than per layer: each layer's slot at `pos`, and
         # its attended keys (stored transposed) and values with batch and kv heads in one dimension, ready for bmm.
         # `view` fails loudly rather than copy silently.
-        key_slots, value_slots = cache.keys[..., pos].unbind(0), cache.values[:, :, :, pos].unbind(0)
-        layers = len(self.layers)
-        keys_t = cache.keys.view(layers, batch * kv, hd, -1)[..., :pos + 1].unbind(0)
-        values = cache.values.view(layers, batch * kv, -1, hd)[:, :, :pos + 1].unbind(0)
+        keys_t = cache.keys.view(layers, batch * kv, hd, -1)[..., :end].unbind(0)
+        values = cache.values.view(layers, batch * kv, -1, hd)[:, :, :end].unbind(0)
         if self.onednn is not None and batch >= self.PACKED_ROWS:
             layer_weights, unembedding = self._packed_weights()
             project, add_projected = self.onednn.linear, self.onednn.linear_add
@@ -104,13 +115,27 @@ class FastLlama:
             value_slot.copy_(qkv[:, n_qk:].view(batch, kv, hd))
             # Grouped-query attention without repeating k/v: query heads of one kv head form a (group, hd) block.
             q = qk[:, :heads].reshape(batch * kv, heads // kv, hd)
-            weights = torch.bmm(q, layer_keys_t).softmax(dim=-1)
+            scores = torch.bmm(q, layer_keys_t)
+            if mask is not None:
+                scores = (scores.view(batch, heads, end) + mask).view(batch * kv, heads // kv, end)
+            weights = scores.softmax(dim=-1)
             out = torch.bmm(weights, layer_values).view(batch, heads * hd)
             x = add_projected(x, out, wo)
             gate_up = project(normed(x), w13, b13)
             x = add_projected(x, F.silu(gate_up[:, :self.hidden]) * gate_up[:, self.hidden:], w2)
         cache.advance(1)
         return project(normed(x), unembedding, None)
+
+
+class _RowSlots:
+    """Each row's slot at its own position in one layer's keys or values: `copy_` writes a (batch, ...) tensor
+    there, as the uniform case's slice view does."""
+
+    def __init__(self, tensor: torch.Tensor, index: tuple):
+        self.tensor, self.index = tensor, index
+
+    def copy_(self, rows: torch.Tensor) -> None:
+        self.tensor[self.index] = rows
 
 
 def _mm(x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

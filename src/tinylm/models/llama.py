@@ -59,9 +59,12 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         mask, causal = None, True
         if cache is not None:
-            start = cache.pos
+            start = cache.offsets()
             k, v = cache.update(layer, k, v)
-            if start > 0:
+            if isinstance(start, torch.Tensor):  # rows at different positions: each sees only its own past
+                causal = False
+                mask = (torch.arange(k.shape[2], device=x.device) <= start[:, None])[:, None, None, :]
+            elif start > 0:
                 causal = False
                 if length > 1:  # a chunk after earlier tokens: each query sees the past and its own prefix
                     keys = torch.arange(start + length, device=x.device)
@@ -138,11 +141,16 @@ class Llama(nn.Module):
             return torch.linalg.pinv(self.tok_embeddings.weight.float()).t()
         return self.tok_embeddings.weight
 
-    def rope_tables(self, start: int, length: int, dtype: torch.dtype):
-        if start + length > self.max_positions:
-            raise ValueError(f"positions up to {start + length} exceed the model's {self.max_positions}")
+    def rope_tables(self, start: int | torch.Tensor, length: int, dtype: torch.dtype):
+        """cos and sin for positions start .. start + length - 1: (length, head_dim), or (batch, 1, length,
+        head_dim) for a (batch,) tensor of starts."""
+        end = int(start.max()) + length if isinstance(start, torch.Tensor) else start + length
+        if end > self.max_positions:
+            raise ValueError(f"positions up to {end} exceed the model's {self.max_positions}")
         angles = rope.angles(start, length, self.inv_freq)
         angles = torch.cat((angles, angles), dim=-1)
+        if angles.dim() == 3:
+            angles = angles[:, None]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def describe(self) -> str:
@@ -186,7 +194,7 @@ class Llama(nn.Module):
                 return_logits: bool = True):
         """(logits, loss). Training passes return_logits=False: the loss is then computed a block of rows at a time
         (linear_cross_entropy) and logits come back as None, which saves the largest tensors of the step."""
-        start = cache.pos if cache is not None else 0
+        start = cache.offsets() if cache is not None else 0
         x = self.dropout(self.tok_embeddings(ids))
         cos, sin = self.rope_tables(start, ids.shape[1], x.dtype)
         for index, layer in enumerate(self.layers):

@@ -18,7 +18,7 @@ from tinylm.models.ops import lm_head, normal_init
 from tinylm.recipe import ModelConfig
 
 
-def embedding_rotation(x: torch.Tensor, start: int, mode: str) -> torch.Tensor:
+def embedding_rotation(x: torch.Tensor, start: int | torch.Tensor, mode: str) -> torch.Tensor:
     """The position transform applied once to the embeddings.
 
     "quirk" is the original's: angles cat(f, f) * t applied to interleaved pairs, so a pair's two members turn by
@@ -43,11 +43,15 @@ class HyperMix(nn.Module):
         sums = torch.cumsum(u.float(), dim=1)
         start = 0
         if state is not None:
-            start = state.pos
+            start = state.offsets()
             sums = sums + state.sums[layer][:, None, :]
             state.sums[layer] = sums[:, -1]
-        counts = torch.arange(start + 1, start + u.shape[1] + 1, device=u.device, dtype=torch.float32)
-        mean = (sums / counts[None, :, None]).to(u.dtype)
+        counts = torch.arange(1, u.shape[1] + 1, device=u.device, dtype=torch.float32)
+        if isinstance(start, torch.Tensor):  # rows at different positions
+            counts = start.to(counts)[:, None] + counts
+        else:
+            counts = (counts + start)[None, :]
+        mean = (sums / counts[..., None]).to(u.dtype)
         scale, shift = self.generate(F.gelu(self.summary(mean))).chunk(2, dim=-1)
         return self.dropout(u * scale + shift)
 
@@ -119,7 +123,7 @@ class MicroMixer(nn.Module):
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, cache: MixerState | None = None,
                 return_logits: bool = True):
         """(logits, loss); with targets and return_logits=False, (None, loss) without holding the logits."""
-        start = cache.pos if cache is not None else 0
+        start = cache.offsets() if cache is not None else 0
         x = embedding_rotation(self.tok_embeddings(ids), start, self.config.embedding_rotary)
         x = self.dropout(x)
         for index, layer in enumerate(self.layers):

@@ -42,8 +42,13 @@ def max_positions(config: ModelConfig) -> int:
     return int(config.context_length * config.rope_scaling_factor)
 
 
-def angles(start: int, length: int, inv_freq: torch.Tensor) -> torch.Tensor:
-    """(length, len(inv_freq)) rotation angles of positions start .. start + length - 1."""
+def angles(start: int | torch.Tensor, length: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """(length, len(inv_freq)) rotation angles of positions start .. start + length - 1; with a (batch,) tensor of
+    starts (rows at different positions), (batch, length, len(inv_freq))."""
+    if isinstance(start, torch.Tensor):
+        steps = torch.arange(length, device=inv_freq.device, dtype=torch.float32)
+        positions = start.to(device=inv_freq.device, dtype=torch.float32)[:, None] + steps
+        return positions[..., None] * inv_freq
     positions = torch.arange(start, start + length, device=inv_freq.device, dtype=torch.float32)
     return torch.outer(positions, inv_freq)
 
