@@ -64,6 +64,7 @@ class TokenizerConfig:
     trailing_space_normalizer: bool = False  # every text ends in exactly one space
     ranks_path: str = ""  # GPT-2 ranks file; "" = ../shared/data/gpt2/gpt2.tiktoken or $TINYLM_GPT2_RANKS
     unknown: str = "<unk>"  # character vocabularies: the symbol for characters outside the vocabulary
+    train_stories: int = 0  # bpe/chars learn from a seeded sample of this many training stories; 0 = all of them
 
 
 @dataclass
@@ -314,6 +315,7 @@ def validate(recipe: Recipe) -> None:
 
     _choice(t.kind, ("bytes", "bpe", "chars", "gpt2"), "tokenizer.kind")
     _require(t.vocab_size > 0, f"tokenizer.vocab_size must be positive, got {t.vocab_size}")
+    _require(t.train_stories >= 0, f"tokenizer.train_stories must be >= 0, got {t.train_stories}")
     _require(len(set(t.special_tokens)) == len(t.special_tokens), "tokenizer.special_tokens has duplicates")
     for role in ("bos", "eos", "sink"):
         token = getattr(t, role)
