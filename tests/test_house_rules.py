@@ -15,7 +15,8 @@ SOURCES = sorted((REPO / "src" / "tinylm").rglob("*.py"))
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 # distribution name -> the module it is imported as
 IMPORT_NAMES = {"huggingface_hub": "huggingface_hub", "safetensors": "safetensors", "tokenizers": "tokenizers",
-                "tiktoken": "tiktoken", "numpy": "numpy", "torch": "torch", "tqdm": "tqdm", "matplotlib": "matplotlib"}
+                "tiktoken": "tiktoken", "numpy": "numpy", "torch": "torch", "tqdm": "tqdm", "matplotlib": "matplotlib",
+                "pyarrow": "pyarrow"}
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(REPO)))

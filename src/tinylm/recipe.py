@@ -323,7 +323,6 @@ def validate(recipe: Recipe) -> None:
                  f"tokenizer.{role} '{token}' must be one of tokenizer.special_tokens")
     _require(t.vocab_size <= m.vocab_size,
              f"tokenizer.vocab_size ({t.vocab_size}) exceeds model.vocab_size ({m.vocab_size})")
-
     _require(d.paths or d.hub_dataset, "data.paths is empty and data.hub_dataset is not set")
     _require(d.max_stories >= 0, f"data.max_stories must be >= 0, got {d.max_stories}")
     _require(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")

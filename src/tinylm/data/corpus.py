@@ -75,7 +75,7 @@ def hub_files(config: DataConfig) -> list[Path]:
 # ---------------------------------------------------------------- reading stories
 
 def clean_story(story: str) -> str:
-    return story.replace("\r\n", "\n").replace("\r", "\n").strip()
+    return (story.replace("\r\n", "\n").replace("\r", "\n") if "\r" in story else story).strip()
 
 
 class Corpus:
@@ -136,8 +136,9 @@ class DigestSet:
         if digest in self.recent:
             return False
         if self.sorted.size:
-            at = int(np.searchsorted(self.sorted, digest))
-            if at < self.sorted.size and self.sorted[at] == digest:
+            probe = np.array(digest, dtype="S16")  # numpy drops trailing NULs of S16 items: compare as arrays
+            at = int(np.searchsorted(self.sorted, probe))
+            if at < self.sorted.size and self.sorted[at] == probe:
                 return False
         self.recent.add(digest)
         if len(self.recent) >= self.RECENT:

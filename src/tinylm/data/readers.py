@@ -3,7 +3,8 @@ JSONL and Parquet; gzipped or not. Memory stays bounded by the chunk size and th
 (a whole JSON document, which cannot be split without parsing it, is the exception: it has a size limit).
 
 Text is decoded as UTF-8 with each undecodable byte replaced by U+FFFD and counted; a file where more than a fifth of
-the bytes read so far are undecodable is not text and is refused, as is one with NUL bytes.
+the bytes is undecodable (judged on the whole file, or on what has been read once that is 1 MiB) is not text and is
+refused, as is one with NUL bytes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tinylm.errors import TinylmError
 
 SEPARATOR = "<|endoftext|>"
 CHUNK_BYTES = 1 << 20
+DECODE_CHECK_BYTES = 1 << 20  # from here on the share of undecodable bytes is checked as reading goes
 WHOLE_JSON_LIMIT = 128 << 20  # a JSON document is parsed whole; beyond this JSONL is the way to stream it
 LONGEST_STORY = 64 << 20  # characters: a "story" this long means the file is not split into stories at all
 PARQUET_BATCH = 1024  # rows per record batch
@@ -99,20 +101,24 @@ class StoryFile:
             if b"\x00" in chunk:
                 raise TinylmError(f"{self.path} is not a text file (it has NUL bytes)")
             read += len(chunk)
-            text, bad = _UNDECODABLE.subn("\ufffd", decoder.decode(chunk))
+            text, bad = _replace_undecodable(decoder.decode(chunk))
             replaced += bad
-            if replaced > 0.2 * read:
-                raise TinylmError(f"{self.path} is not UTF-8 text ({replaced:,} of the first {read:,} bytes "
-                                  "undecodable)")
+            if read >= DECODE_CHECK_BYTES:
+                self._check_decodable(replaced, read)
             if first:
                 text, first = text.removeprefix("\ufeff"), False
             yield text
-        tail, bad = _UNDECODABLE.subn("\ufffd", decoder.decode(b"", final=True))
+        tail, bad = _replace_undecodable(decoder.decode(b"", final=True))
         replaced += bad
+        self._check_decodable(replaced, read)
         if count:
             self.replaced_bytes = replaced
         if tail:
             yield tail
+
+    def _check_decodable(self, replaced: int, read: int) -> None:
+        if replaced > 0.2 * read:
+            raise TinylmError(f"{self.path} is not UTF-8 text ({replaced:,} of the first {read:,} bytes undecodable)")
 
     def _has_separator(self) -> bool:
         """Whether any `<|endoftext|>` occurs: a text without one is split at blank lines instead."""
@@ -163,8 +169,8 @@ class StoryFile:
                 return
             chunks = self._text_chunks(None)
             first = next(chunks, "")
-        parts, size = [first], len(first)
-        for text in chunks:
+        parts, size = [], 0
+        for text in _chain(first, chunks):
             parts.append(text)
             size += len(text)
             if size > WHOLE_JSON_LIMIT:
@@ -220,6 +226,15 @@ class StoryFile:
         except (OSError, pa.ArrowException) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise TinylmError(f"cannot read {self.path} as parquet: {first}") from None
+
+
+def _replace_undecodable(text: str) -> tuple[str, int]:
+    """Undecodable bytes (surrogate escapes) -> U+FFFD, and how many; encoding first skips the scan for clean text."""
+    try:
+        text.encode("utf-8")
+        return text, 0
+    except UnicodeEncodeError:
+        return _UNDECODABLE.subn("\ufffd", text)
 
 
 def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
