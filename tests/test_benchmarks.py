@@ -29,3 +29,10 @@ def test_generate_speed_reports_its_keys():
     result = last_json_line("generate_speed.py", "--new-tokens", "4")
     for key in ("batch1_tokens_per_s", "batch64_tokens_per_s", "transformers_batch1_tokens_per_s", "ratio_batch1"):
         assert result[key] > 0
+
+
+def test_data_scale_reports_both_steps_and_the_reference(tmp_path):
+    result = last_json_line("data_scale.py", "--mb", "0.3", "--recipe", "tinystories-demo", "--dir", str(tmp_path))
+    for step in ("tokenizer_train", "data_prepare", "encode_batch"):
+        assert result[step]["mb_per_s"] > 0 and result[step]["peak_rss_mb"] > 0
+    assert result["mb"] >= 0.3 and result["prepare_vs_encode_batch"] > 0
