@@ -142,8 +142,9 @@ class DigestSet:
                 return False
         self.recent.add(digest)
         if len(self.recent) >= self.RECENT:
-            merged = np.concatenate([self.sorted, np.array(sorted(self.recent), dtype="S16")])
-            self.sorted = merged[np.argsort(merged, kind="stable")]
+            # sorted in place (two sorted runs: one merge pass), so a merge holds two copies, not four
+            self.sorted = np.concatenate([self.sorted, np.array(sorted(self.recent), dtype="S16")])
+            self.sorted.sort(kind="stable")
             self.recent.clear()
         return True
 
