@@ -37,3 +37,10 @@ def test_serve_load_reports_its_keys():
     for key in ("tokens_per_s", "offline_tokens_per_s"):
         assert set(result[key]) == {"1", "3"} and min(result[key].values()) > 0
     assert result["ratio_64_vs_offline"] > 0
+
+
+def test_data_scale_reports_both_steps_and_the_reference(tmp_path):
+    result = last_json_line("data_scale.py", "--mb", "0.3", "--recipe", "tinystories-demo", "--dir", str(tmp_path))
+    for step in ("tokenizer_train", "data_prepare", "encode_batch"):
+        assert result[step]["mb_per_s"] > 0 and result[step]["peak_rss_mb"] > 0
+    assert result["mb"] >= 0.3 and result["prepare_vs_encode_batch"] > 0

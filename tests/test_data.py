@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tinylm.cli import main
-from tinylm.data.corpus import load_corpus, read_stories, resolve_data_files, split_stories
+from tinylm.data.corpus import Corpus, load_corpus, resolve_data_files, split_stories
 from tinylm.data.shards import BatchSampler, TokenShard, eval_batches, frame_prefix, prepare_data
 from tinylm.data.tokenizer_training import build_tokenizer
 from tinylm.errors import TinylmError
@@ -24,7 +24,7 @@ A, B, C = "Once upon a time there was a cat.\nThe cat sat.", "Tom had a red ball
 
 
 def stories_of(path, **kw) -> list[str]:
-    return read_stories(resolve_data_files(DataConfig(paths=[str(path)])), **kw).stories
+    return list(Corpus(resolve_data_files(DataConfig(paths=[str(path)])), **kw))
 
 
 # ---------------------------------------------------------------- readers
@@ -53,16 +53,16 @@ def test_directory_glob_dedup_and_cap(tmp_path):
     (tmp_path / "d" / "sub" / "b.jsonl").write_text(json.dumps({"text": f"  {B}  "}) + "\n" + json.dumps({"text": C}))
     (tmp_path / "d" / "README.md").write_text("not stories")
     (tmp_path / "d" / ".hidden.txt").write_text("hidden")
-    corpus = read_stories(resolve_data_files(DataConfig(paths=[str(tmp_path / "d")])))
-    assert corpus.stories == [A, B, C] and corpus.duplicates == 1
+    corpus = Corpus(resolve_data_files(DataConfig(paths=[str(tmp_path / "d")])))
+    assert list(corpus) == [A, B, C] and corpus.duplicates == 1
     assert stories_of(tmp_path / "d" / "**" / "*.jsonl") == [B, C]
-    assert read_stories(resolve_data_files(DataConfig(paths=[str(tmp_path / "d")])), max_stories=2).stories == [A, B]
+    assert list(Corpus(resolve_data_files(DataConfig(paths=[str(tmp_path / "d")])), max_stories=2)) == [A, B]
 
 
 def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
     (tmp_path / "latin.txt").write_bytes(b"caf\xe9 au lait\n<|endoftext|>\nna\xefve \xff\n")
-    corpus = read_stories([tmp_path / "latin.txt"])
-    assert corpus.stories == ["caf\ufffd au lait", "na\ufffdve \ufffd"] and corpus.replaced_bytes == 3
+    corpus = Corpus([tmp_path / "latin.txt"])
+    assert list(corpus) == ["caf\ufffd au lait", "na\ufffdve \ufffd"] and corpus.replaced_bytes == 3
 
 
 @pytest.mark.parametrize("make,message", [
@@ -77,7 +77,7 @@ def test_bad_inputs_raise_one_line(tmp_path, make, message):
     path = tmp_path / "input.txt"
     make(path)
     with pytest.raises(TinylmError, match=message) as info:
-        load_corpus(DataConfig(paths=[str(path)]))
+        list(load_corpus(DataConfig(paths=[str(path)])))
     assert "\n" not in str(info.value)
 
 
@@ -96,8 +96,9 @@ def test_malformed_json_and_bad_records(tmp_path):
 
 def test_shared_sample_files_read():
     corpus = load_corpus(DataConfig(paths=[str(SHARED / "TinyStoriesV2-GPT4-train.head-1727stories.txt.gz")]))
-    assert len(corpus.stories) == 1727 and corpus.stories[0].startswith("Once upon a time there was a little boy")
-    assert corpus.replaced_bytes == 0 and all("<|endoftext|>" not in s for s in corpus.stories)
+    stories = list(corpus)
+    assert len(stories) == 1727 == corpus.stories and stories[0].startswith("Once upon a time there was a little boy")
+    assert corpus.replaced_bytes == 0 and all("<|endoftext|>" not in s for s in stories)
 
 
 # ---------------------------------------------------------------- hub cache, offline
@@ -108,7 +109,7 @@ def test_hub_download_from_a_prefilled_cache_offline(offline_hub):
     config = DataConfig(paths=[], hub_dataset="roneneldan/TinyStories", hub_files=["TinyStoriesV2-GPT4-valid.txt"])
     files = resolve_data_files(config)
     assert files[0].resolve() == (snapshot / "TinyStoriesV2-GPT4-valid.txt").resolve()
-    assert load_corpus(config).stories == [A, B]
+    assert list(load_corpus(config)) == [A, B]
     config.hub_files = ["TinyStoriesV2-GPT4-train.txt"]  # not in the cache: offline, so a clear error
     with pytest.raises(TinylmError, match="offline"):
         resolve_data_files(config)
@@ -145,7 +146,7 @@ def recipe_for(paths, kind="bytes", framing="none", vocab=256, specials=(), sink
 
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory) -> Path:
-    stories = read_stories([SHARED / "TinyStories-train-sample-2995stories.txt.gz"], max_stories=300).stories
+    stories = list(Corpus([SHARED / "TinyStories-train-sample-2995stories.txt.gz"], max_stories=300))
     path = tmp_path_factory.mktemp("corpus") / "stories.txt"
     path.write_text("\n<|endoftext|>\n".join(stories) + "\n")
     return path

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinylm.data.corpus import read_stories
+from tinylm.data.corpus import Corpus
 from tinylm.data.shards import frame_prefix
 from tinylm.data.tokenizer_training import build_tokenizer
 from tinylm.errors import TinylmError
@@ -71,12 +71,12 @@ REFUSED = {"aurelius-10m": ["suffix-space", "trailing-space", "sink_bos"], "simp
 # ------------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def stories() -> list[str]:
-    return read_stories([TRAIN], max_stories=300).stories
+    return list(Corpus([TRAIN], max_stories=300))
 
 
 @pytest.fixture(scope="module")
 def validation() -> list[str]:
-    return read_stories([VALID], max_stories=300).stories
+    return list(Corpus([VALID], max_stories=300))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 # distribution name -> the module it is imported as
 IMPORT_NAMES = {"huggingface_hub": "huggingface_hub", "safetensors": "safetensors", "tokenizers": "tokenizers",
                 "tiktoken": "tiktoken", "numpy": "numpy", "torch": "torch", "tqdm": "tqdm", "matplotlib": "matplotlib",
-                "gguf": "gguf", "fastapi": "fastapi", "uvicorn": "uvicorn"}
+                "gguf": "gguf", "fastapi": "fastapi", "uvicorn": "uvicorn", "pyarrow": "pyarrow"}
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(REPO)))

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tinylm.data.corpus import read_stories
+from tinylm.data.corpus import Corpus
 from tinylm.data.tokenizer import load_tokenizer, tokenizer_stats
 from tinylm.data.tokenizer_training import build_tokenizer
 from tinylm.errors import TinylmError
@@ -25,7 +25,7 @@ FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCh
 
 @pytest.fixture(scope="module")
 def stories() -> list[str]:
-    return read_stories([SAMPLE], max_stories=700).stories
+    return list(Corpus([SAMPLE], max_stories=700))
 
 
 @pytest.fixture(scope="module")

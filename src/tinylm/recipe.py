@@ -65,6 +65,7 @@ class TokenizerConfig:
     trailing_space_normalizer: bool = False  # every text ends in exactly one space
     ranks_path: str = ""  # GPT-2 ranks file; "" = ../shared/data/gpt2/gpt2.tiktoken or $TINYLM_GPT2_RANKS
     unknown: str = "<unk>"  # character vocabularies: the symbol for characters outside the vocabulary
+    train_stories: int = 0  # bpe/chars learn from a seeded sample of this many training stories; 0 = all of them
 
 
 @dataclass
@@ -336,6 +337,7 @@ def validate(recipe: Recipe) -> None:
 
     _choice(t.kind, ("bytes", "bpe", "chars", "gpt2"), "tokenizer.kind")
     _require(t.vocab_size > 0, f"tokenizer.vocab_size must be positive, got {t.vocab_size}")
+    _require(t.train_stories >= 0, f"tokenizer.train_stories must be >= 0, got {t.train_stories}")
     _require(len(set(t.special_tokens)) == len(t.special_tokens), "tokenizer.special_tokens has duplicates")
     for role in ("bos", "eos", "sink"):
         token = getattr(t, role)
@@ -343,7 +345,6 @@ def validate(recipe: Recipe) -> None:
                  f"tokenizer.{role} '{token}' must be one of tokenizer.special_tokens")
     _require(t.vocab_size <= m.vocab_size,
              f"tokenizer.vocab_size ({t.vocab_size}) exceeds model.vocab_size ({m.vocab_size})")
-
     _require(d.paths or d.hub_dataset, "data.paths is empty and data.hub_dataset is not set")
     _require(d.max_stories >= 0, f"data.max_stories must be >= 0, got {d.max_stories}")
     _require(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")

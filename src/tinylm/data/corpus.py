@@ -1,8 +1,7 @@
-"""TinyStories in: finding the files (paths, globs, directories or hub downloads), reading every form the dataset is
-met in, cleaning, and the train/validation split.
+"""TinyStories in: finding the files (paths, globs, directories or hub downloads), the stream of clean, unique
+stories (each file read by readers.py), the train/validation split and the tokenizer's training text.
 
-Readers accept raw text with `<|endoftext|>` separator lines (V1, V2), text whose stories are separated by blank
-lines, JSON lists / {"texts"|"stories": [...]} / JSONL records with a `text` or `story` field; gzipped or not.
+Memory does not grow with the corpus: stories pass one at a time and deduplication keeps a 16-byte digest per story.
 
 The train/validation split is decided per story by a hash of its text (and `split_seed`): it never depends on file
 order, and a story is never on both sides (exact duplicates are dropped first).
@@ -11,31 +10,22 @@ order, and a story is never on both sides (exact duplicates are dropped first).
 from __future__ import annotations
 
 import glob
-import gzip
 import hashlib
-import json
+import heapq
 import os
-import re
-import zlib
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from tinylm.data import hub
+from tinylm.data.readers import Progress, StoryFile
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.data.tokenizer_training import REPO_ROOT, build_tokenizer
 from tinylm.errors import TinylmError
 from tinylm.recipe import DataConfig, Recipe
 
-SEPARATOR = "<|endoftext|>"
-STORY_SUFFIXES = (".txt", ".json", ".jsonl", ".txt.gz", ".json.gz", ".jsonl.gz")  # taken from directories
-
-
-@dataclass
-class Corpus:
-    stories: list[str]
-    files: list[str]
-    replaced_bytes: int = 0  # undecodable bytes replaced by U+FFFD
-    duplicates: int = 0
+STORY_SUFFIXES = (".txt", ".json", ".jsonl", ".txt.gz", ".json.gz", ".jsonl.gz", ".parquet")  # taken from directories
 
 
 # ---------------------------------------------------------------- finding files
@@ -84,119 +74,125 @@ def hub_files(config: DataConfig) -> list[Path]:
 
 # ---------------------------------------------------------------- reading stories
 
-def _read_text(path: Path) -> tuple[str, int]:
-    """Decoded text of a (possibly gzipped) file and the number of undecodable bytes replaced."""
-    try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise TinylmError(f"cannot read {path}: {exc}") from None
-    if b"\x00" in raw:
-        raise TinylmError(f"{path} is not a text file (it has NUL bytes)")
-    try:
-        text, replaced = raw.decode("utf-8"), 0
-    except UnicodeDecodeError:
-        text, replaced = re.subn("[\udc80-\udcff]", "\ufffd", raw.decode("utf-8", "surrogateescape"))
-        if replaced > 0.2 * len(raw):
-            raise TinylmError(f"{path} is not UTF-8 text ({replaced:,} of {len(raw):,} bytes undecodable)") from None
-    return text.removeprefix("\ufeff"), replaced
-
-
-def _stories_from_json(value, path: Path) -> list[str]:
-    if isinstance(value, dict):
-        for key in ("texts", "stories"):
-            if isinstance(value.get(key), list):
-                return _stories_from_json(value[key], path)
-        value = [value]
-    if not isinstance(value, list):
-        raise TinylmError(f"{path}: expected a JSON list of stories or {{\"texts\": [...]}}")
-    stories = []
-    for i, item in enumerate(value):
-        if isinstance(item, dict):
-            item = item.get("text", item.get("story"))
-        if not isinstance(item, str):
-            raise TinylmError(f"{path}: record {i} is not a string and has no 'text' or 'story' string field")
-        if re.search("[\ud800-\udfff]", item):  # JSON escapes can make lone surrogates, which UTF-8 cannot hold
-            item = re.sub("[\ud800-\udfff]", "\ufffd", item)
-        stories.append(item)
-    return stories
-
-
-def _parse_jsonl(text: str, path: Path) -> list:
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise TinylmError(f"{path}:{number}: malformed JSON line ({exc.msg})") from None
-    return records
-
-
-def split_raw_stories(text: str, path: Path = Path("text")) -> list[str]:
-    """The stories of one file's text, before clean-up."""
-    name = path.name.lower().removesuffix(".gz")
-    head = text.lstrip()[:1]
-    if name.endswith(".jsonl"):
-        return _stories_from_json(_parse_jsonl(text, path), path)
-    if name.endswith(".json") or head in ("[", "{"):
-        try:
-            return _stories_from_json(json.loads(text), path)
-        except json.JSONDecodeError as exc:
-            if head == "{":
-                try:
-                    return _stories_from_json(_parse_jsonl(text, path), path)
-                except TinylmError:
-                    pass
-            if name.endswith(".json"):
-                raise TinylmError(f"{path}: malformed JSON ({exc})") from None
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if SEPARATOR in text:
-        return text.split(SEPARATOR)
-    return re.split(r"\n[ \t]*\n", text)  # no separators: each blank-line-separated block is a story
-
-
 def clean_story(story: str) -> str:
-    return story.replace("\r\n", "\n").replace("\r", "\n").strip()
+    return (story.replace("\r\n", "\n").replace("\r", "\n") if "\r" in story else story).strip()
 
 
-def read_stories(files: list[Path], max_stories: int = 0) -> Corpus:
-    """Read, clean (line endings, strip), drop empty and exact-duplicate stories; stop after max_stories."""
-    corpus = Corpus(stories=[], files=[str(f) for f in files])
-    seen: set[str] = set()
-    for path in files:
-        text, replaced = _read_text(path)
-        corpus.replaced_bytes += replaced
-        for story in split_raw_stories(text, path):
-            story = clean_story(story)
-            if not story:
-                continue
-            if story in seen:
-                corpus.duplicates += 1
-                continue
-            seen.add(story)
-            corpus.stories.append(story)
-            if max_stories and len(corpus.stories) >= max_stories:
+class Corpus:
+    """The stories of some files as a stream: cleaned (line endings, strip), without empty and exact-duplicate
+    stories, at most `max_stories`. Each pass reads the files again and gives the same stories in the same order;
+    `stories`, `duplicates` and `replaced_bytes` count the last finished pass."""
+
+    def __init__(self, files: list[Path], max_stories: int = 0):
+        self.paths = [Path(f) for f in files]
+        self.files = [str(f) for f in files]
+        self.max_stories = max_stories
+        self.stories = self.duplicates = self.replaced_bytes = 0
+
+    @property
+    def size(self) -> int:
+        """Bytes on disk, the unit progress is counted in."""
+        return sum(path.stat().st_size for path in self.paths)
+
+    def __iter__(self) -> Iterator[str]:
+        return self.read()
+
+    def read(self, progress: Progress | None = None) -> Iterator[str]:
+        seen = DigestSet()
+        kept = duplicates = replaced = 0
+        for path in self.paths:
+            source = StoryFile(path, progress)
+            for story in source.stories():
+                story = clean_story(story)
+                if not story:
+                    continue
+                if not seen.add(hashlib.blake2b(story.encode(), digest_size=16).digest()):
+                    duplicates += 1
+                    continue
+                kept += 1
+                yield story
+                if self.max_stories and kept >= self.max_stories:
+                    break
+            replaced += source.replaced_bytes
+            if self.max_stories and kept >= self.max_stories:
                 break
-        if max_stories and len(corpus.stories) >= max_stories:
-            break
-    if not corpus.stories:
-        raise TinylmError(f"no stories found in {', '.join(corpus.files)}")
-    return corpus
+        if not kept:
+            raise TinylmError(f"no stories found in {', '.join(self.files)}")
+        self.stories, self.duplicates, self.replaced_bytes = kept, duplicates, replaced
+
+
+class DigestSet:
+    """Fixed-size digests of the stories seen so far, so deduplication holds 16 bytes per story, never the story:
+    recent ones in a set, older ones in one sorted array (merged when the set fills)."""
+
+    RECENT = 1 << 16
+
+    def __init__(self):
+        self.recent: set[bytes] = set()
+        self.sorted = np.empty(0, dtype="S16")
+
+    def add(self, digest: bytes) -> bool:
+        """Add a digest; False when it was already there."""
+        if digest in self.recent:
+            return False
+        if self.sorted.size:
+            probe = np.array(digest, dtype="S16")  # numpy drops trailing NULs of S16 items: compare as arrays
+            at = int(np.searchsorted(self.sorted, probe))
+            if at < self.sorted.size and self.sorted[at] == probe:
+                return False
+        self.recent.add(digest)
+        if len(self.recent) >= self.RECENT:
+            # sorted in place (two sorted runs: one merge pass), so a merge holds two copies, not four
+            self.sorted = np.concatenate([self.sorted, np.array(sorted(self.recent), dtype="S16")])
+            self.sorted.sort(kind="stable")
+            self.recent.clear()
+        return True
 
 
 def load_corpus(config: DataConfig) -> Corpus:
-    return read_stories(resolve_data_files(config), config.max_stories)
+    return Corpus(resolve_data_files(config), config.max_stories)
 
 
-def train_tokenizer(recipe: Recipe, corpus: Corpus | None = None) -> tuple[Tokenizer, Corpus | None]:
-    """The recipe's tokenizer: bpe/chars learn from the TRAIN split only, so validation figures stay honest."""
+def train_tokenizer(recipe: Recipe, corpus: Corpus | None = None, progress: bool = False) -> tuple[Tokenizer, int]:
+    """The recipe's tokenizer and the number of stories it learnt from (0 when built without text): bpe/chars
+    learn from the TRAIN split only, so validation figures stay honest; `tokenizer.train_stories` caps them."""
     if recipe.tokenizer.kind in ("bytes", "gpt2"):
-        return build_tokenizer(recipe.tokenizer), corpus
+        return build_tokenizer(recipe.tokenizer), 0
+    from tqdm.auto import tqdm
+
     corpus = corpus if corpus is not None else load_corpus(recipe.data)
-    train, _ = split_stories(corpus.stories, recipe.data.val_fraction, recipe.data.split_seed)
-    return build_tokenizer(recipe.tokenizer, train), corpus
+    config = recipe.data
+    with tqdm(total=corpus.size, unit="B", unit_scale=True, desc="tokenizer training",
+              disable=None if progress else True) as bar:
+        train = (s for s in corpus.read(bar.update) if not is_validation(s, config.val_fraction, config.split_seed))
+        if recipe.tokenizer.train_stories:
+            train = iter(seeded_sample(train, recipe.tokenizer.train_stories, config.split_seed))
+        counted = _Counted(train)
+        tokenizer = build_tokenizer(recipe.tokenizer, counted)
+    return tokenizer, counted.n
+
+
+class _Counted:
+    def __init__(self, items: Iterator[str]):
+        self.items, self.n = items, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for item in self.items:
+            self.n += 1
+            yield item
+
+
+def seeded_sample(stories: Iterator[str], n: int, seed: int) -> list[str]:
+    """The n stories with the smallest seeded hashes (as llama2.c trains its vocabulary on a subset): the same
+    sample whatever the file order, and only n stories held at a time."""
+    heap: list[tuple[int, str]] = []
+    for story in stories:
+        key = -int.from_bytes(hashlib.blake2b(f"sample\0{seed}\0{story}".encode(), digest_size=8).digest(), "big")
+        if len(heap) < n:
+            heapq.heappush(heap, (key, story))
+        elif key > heap[0][0]:
+            heapq.heapreplace(heap, (key, story))
+    return [story for _, story in sorted(heap, reverse=True)]
 
 
 # ---------------------------------------------------------------- the split

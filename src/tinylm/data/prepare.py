@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tinylm.data.corpus import load_corpus, split_stories, train_tokenizer
+from tinylm.data.corpus import is_validation, load_corpus, train_tokenizer
 from tinylm.data.shards import prepare_data
 from tinylm.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_stats
 from tinylm.errors import TinylmError
@@ -49,7 +49,6 @@ def prepare_run_inputs(recipe: Recipe, run: RunDir, progress: bool = True) -> Pr
     """Load or train the run's tokenizer, then write (or reuse) its token shards.
 
     The tokenizer is saved only once the shards exist, so a failure leaves nothing half-made."""
-    corpus = None
     if run.tokenizer_file.is_file():
         tokenizer = load_tokenizer(run.tokenizer_file)
         if tokenizer.kind != recipe.tokenizer.kind:
@@ -60,11 +59,11 @@ def prepare_run_inputs(recipe: Recipe, run: RunDir, progress: bool = True) -> Pr
             raise TinylmError(f"{run.tokenizer_file} holds a different tokenizer: {'; '.join(changed)}; use another "
                               "--out, or replace it with `tinylm tokenizer train ... --force`")
     else:
-        tokenizer, corpus = train_tokenizer(recipe)  # bpe/chars learn from the training split only
+        tokenizer, _ = train_tokenizer(recipe, progress=progress)  # bpe/chars learn from the training split only
     if tokenizer.vocab_size > recipe.model.vocab_size:
         raise TinylmError(f"{run.tokenizer_file}: {tokenizer.vocab_size} ids do not fit model.vocab_size "
                           f"{recipe.model.vocab_size}")
-    meta = prepare_data(recipe, tokenizer, run.data_dir, progress=progress, corpus=corpus)
+    meta = prepare_data(recipe, tokenizer, run.data_dir, progress=progress)
     if not run.tokenizer_file.is_file():
         tokenizer.save(run.tokenizer_file)
     return PreparedData.from_meta(tokenizer, meta)
@@ -77,11 +76,11 @@ class TrainedTokenizer:
     seconds: float
 
 
-def train_run_tokenizer(recipe: Recipe, run: RunDir, force: bool = False) -> TrainedTokenizer:
+def train_run_tokenizer(recipe: Recipe, run: RunDir, force: bool = False, progress: bool = True) -> TrainedTokenizer:
     """Build or train the recipe's tokenizer into RUN/tokenizer.json; a different one already there is replaced
     only with `force` (shards and checkpoints made with it stop matching)."""
     started = time.perf_counter()
-    tokenizer, corpus = train_tokenizer(recipe)
+    tokenizer, stories = train_tokenizer(recipe, progress=progress)
     replaced = run.tokenizer_file.exists() and \
         load_tokenizer(run.tokenizer_file).fingerprint() != tokenizer.fingerprint()
     if replaced and not force:
@@ -89,7 +88,7 @@ def train_run_tokenizer(recipe: Recipe, run: RunDir, force: bool = False) -> Tra
                           "(shards and checkpoints made with the old one stop matching)")
     tokenizer.save(run.tokenizer_file)
     run.write_recipe(recipe, replace=replaced)  # recipe.toml says which tokenizer the run now holds
-    return TrainedTokenizer(tokenizer, len(corpus.stories) if corpus is not None else None,
+    return TrainedTokenizer(tokenizer, stories if recipe.tokenizer.kind in ("bpe", "chars") else None,
                             time.perf_counter() - started)
 
 
@@ -104,12 +103,12 @@ def measure_tokenizer(target: str, overrides: list[str]) -> tuple[Tokenizer, dic
             raise TinylmError(f"--set does not apply to a run ({run.path}): its tokenizer and data are fixed; give a "
                               "recipe to measure another setting")
         recipe = run.read_recipe()
-        tokenizer, corpus = load_tokenizer(run.tokenizer_file), load_corpus(recipe.data)
+        tokenizer = load_tokenizer(run.tokenizer_file)
     else:
         recipe = load_recipe(target, overrides)
-        tokenizer, corpus = train_tokenizer(recipe)
-        corpus = corpus if corpus is not None else load_corpus(recipe.data)
-    _, val = split_stories(corpus.stories, recipe.data.val_fraction, recipe.data.split_seed)
+        tokenizer, _ = train_tokenizer(recipe)
+    data = recipe.data
+    val = [s for s in load_corpus(data) if is_validation(s, data.val_fraction, data.split_seed)]
     if not val:
         raise TinylmError("the validation split is empty: add data or raise data.val_fraction")
     return tokenizer, tokenizer_stats(tokenizer, val)

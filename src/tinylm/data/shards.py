@@ -7,13 +7,15 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tinylm.data.corpus import Corpus, read_stories, resolve_data_files, split_stories
+from tinylm.data.corpus import Corpus, is_validation, resolve_data_files
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.errors import TinylmError
 from tinylm.models import IGNORE_INDEX
@@ -87,53 +89,108 @@ def _reusable(data_dir: Path, corpus_fp: str, tokenizer_fp: str) -> dict | None:
 
 def prepare_data(recipe: Recipe, tokenizer: Tokenizer, data_dir: str | Path, progress: bool = True,
                  corpus: Corpus | None = None) -> dict:
-    """Tokenise the corpus once into data_dir/{train,val}.bin + meta.json + manifest.json; reuse matching shards."""
+    """Tokenise the corpus once into data_dir/{train,val}.bin + meta.json + manifest.json; reuse matching shards.
+
+    The corpus streams through: each split's stories are encoded ENCODE_CHUNK at a time (on every core) while the
+    next chunk is read, and appended to its shard, so memory does not grow with the corpus."""
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
     data_dir, config = Path(data_dir), recipe.data
-    files = [Path(f) for f in corpus.files] if corpus is not None else resolve_data_files(config)
-    corpus_fp, tokenizer_fp = corpus_fingerprint(config, files), tokenizer.fingerprint()
+    corpus = corpus if corpus is not None else Corpus(resolve_data_files(config), config.max_stories)
+    corpus_fp, tokenizer_fp = corpus_fingerprint(config, corpus.paths), tokenizer.fingerprint()
     old = _reusable(data_dir, corpus_fp, tokenizer_fp)
     if old is not None:
         return {**old, "reused": True, "seconds": time.perf_counter() - started}
     prefix = frame_prefix(tokenizer, config.framing)  # fails early when the tokenizer lacks the framing's ids
-    corpus = corpus if corpus is not None else read_stories(files, config.max_stories)
-    splits = dict(zip(("train", "val"), split_stories(corpus.stories, config.val_fraction, config.split_seed),
-                      strict=True))
-    for name, stories in splits.items():
-        if not stories:
-            raise TinylmError(f"the {name} split is empty ({len(corpus.stories)} stories, data.val_fraction = "
-                              f"{config.val_fraction}): add data or change data.val_fraction")
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    separator = tokenizer.encode("\n\n") if config.framing == "none" else []
     meta = {"format": SHARD_FORMAT, "dtype": np.dtype(dtype).name, "tokenizer_fingerprint": tokenizer_fp,
             "tokenizer_kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "corpus_fingerprint": corpus_fp,
             "files": corpus.files, "framing": config.framing, "frame_prefix": prefix,
-            "block_prefix": block_prefix(tokenizer, config.framing), "replaced_bytes": corpus.replaced_bytes,
-            "duplicates": corpus.duplicates}
-    bar = tqdm(total=len(corpus.stories), unit="story", desc="tokenising", disable=None if progress else True)
-    with atomic_directory(data_dir, kind=SHARDS_KIND) as tmp:
-        for name, stories in splits.items():
-            n_tokens = 0
-            with open(tmp / f"{name}.bin", "wb") as out:
-                for start in range(0, len(stories), ENCODE_CHUNK):
-                    chunk = stories[start:start + ENCODE_CHUNK]
-                    stream = _frame(tokenizer.encode_batch(chunk), tokenizer, config.framing, separator, start == 0)
-                    array = np.array(stream, dtype=np.int64)
-                    if array.size and (array.min() < 0 or array.max() >= tokenizer.vocab_size):
-                        raise AssertionError("token id outside the vocabulary")
-                    out.write(array.astype(dtype).tobytes())
-                    n_tokens += array.size
-                    bar.update(len(chunk))
-            n_bytes = sum(len(s.encode("utf-8")) for s in stories)
-            if config.framing == "none":
-                n_bytes += 2 * (len(stories) - 1)  # the "\n\n" between stories is predicted text too
-            meta[name] = {"n_tokens": n_tokens, "n_bytes": n_bytes, "n_stories": len(stories), "file": f"{name}.bin"}
+            "block_prefix": block_prefix(tokenizer, config.framing)}
+    with atomic_directory(data_dir, kind=SHARDS_KIND) as tmp, \
+            tqdm(total=corpus.size, unit="B", unit_scale=True, desc="tokenising",
+                 disable=None if progress else True) as bar:
+        writers = {name: _SplitWriter(tmp / f"{name}.bin", tokenizer, config.framing, dtype)
+                   for name in ("train", "val")}
+        try:
+            _write_splits(corpus, writers, config, bar.update)
+        finally:
+            for writer in writers.values():
+                writer.close()
+        for name, writer in writers.items():
+            if not writer.n_stories:
+                raise TinylmError(f"the {name} split is empty ({corpus.stories} stories, data.val_fraction = "
+                                  f"{config.val_fraction}): add data or change data.val_fraction")
+            meta[name] = {"n_tokens": writer.n_tokens, "n_bytes": writer.n_bytes, "n_stories": writer.n_stories,
+                          "file": f"{name}.bin"}
+        meta.update(replaced_bytes=corpus.replaced_bytes, duplicates=corpus.duplicates)
         atomic_write_json(tmp / "meta.json", meta)
         write_manifest(tmp, extra={"kind": SHARDS_KIND})
-    bar.close()
     return {**meta, "reused": False, "seconds": time.perf_counter() - started}
+
+
+def _write_splits(corpus: Corpus, writers: dict[str, _SplitWriter], config: DataConfig, progress) -> None:
+    """Read the stream once, sending each story to its split; a chunk is encoded in a worker thread (the
+    tokenizers release the GIL) while reading goes on, and chunks are appended in the order they were cut."""
+    in_flight: deque = deque()
+
+    def finish(keep: int) -> None:
+        while len(in_flight) > keep:
+            writer, job = in_flight.popleft()
+            writer.append(job.result())
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for story in corpus.read(progress):
+            writer = writers["val" if is_validation(story, config.val_fraction, config.split_seed) else "train"]
+            chunk = writer.add(story)
+            if chunk:
+                in_flight.append((writer, pool.submit(writer.encode, *chunk)))
+                finish(keep=2)
+        for writer in writers.values():
+            chunk = writer.add(None)
+            if chunk:
+                in_flight.append((writer, pool.submit(writer.encode, *chunk)))
+        finish(keep=0)
+
+
+class _SplitWriter:
+    """One split's shard file: stories gathered into chunks, framed ids appended, stories and UTF-8 bytes counted
+    (bits per byte divides by them)."""
+
+    def __init__(self, path: Path, tokenizer: Tokenizer, framing: str, dtype):
+        self.handle = open(path, "wb")  # noqa: SIM115 - closed by prepare_data
+        self.tokenizer, self.framing, self.dtype = tokenizer, framing, dtype
+        self.separator = tokenizer.encode("\n\n") if framing == "none" else []
+        self.pending: list[str] = []
+        self.n_tokens = self.n_bytes = self.n_stories = 0
+
+    def add(self, story: str | None) -> tuple[list[str], bool] | None:
+        """Take a story (None: the end); a full chunk comes back to be encoded, with whether it starts the split."""
+        if story is not None:
+            self.pending.append(story)
+            self.n_bytes += len(story.encode("utf-8")) + (2 if self.framing == "none" and self.n_stories else 0)
+            self.n_stories += 1  # the "\n\n" between stories (framing none) is predicted text too
+            if len(self.pending) < ENCODE_CHUNK:
+                return None
+        if not self.pending:
+            return None
+        chunk, self.pending = self.pending, []
+        return chunk, self.n_stories == len(chunk)
+
+    def encode(self, stories: list[str], first: bool) -> np.ndarray:
+        stream = _frame(self.tokenizer.encode_batch(stories), self.tokenizer, self.framing, self.separator, first)
+        array = np.array(stream, dtype=np.int64)
+        if array.size and (array.min() < 0 or array.max() >= self.tokenizer.vocab_size):
+            raise AssertionError("token id outside the vocabulary")
+        return array.astype(self.dtype)
+
+    def append(self, tokens: np.ndarray) -> None:
+        self.handle.write(tokens.tobytes())
+        self.n_tokens += tokens.size
+
+    def close(self) -> None:
+        self.handle.close()
 
 
 class TokenShard:

@@ -26,17 +26,26 @@ def build_tokenizer(config: TokenizerConfig, texts: Iterable[str] | None = None)
     """Build (bytes, gpt2) or train (bpe, chars, from `texts`) the tokenizer a recipe describes."""
     if config.kind not in KINDS:
         raise TinylmError(f"tokenizer.kind must be one of {', '.join(KINDS)}, got '{config.kind}'")
-    if config.kind in ("bpe", "chars"):
-        texts = [] if texts is None else texts
-        if not isinstance(texts, (list, tuple)):
-            texts = list(texts)
-        if not any(texts):
-            raise TinylmError(f"a '{config.kind}' tokenizer needs training text, and none was given")
+    seen = _NonEmpty([] if texts is None else texts)
     builder = {"bytes": _build_bytes, "bpe": _build_bpe, "chars": _build_chars, "gpt2": _build_gpt2}[config.kind]
-    hf, meta = builder(config, texts)
+    hf, meta = builder(config, seen)
+    if config.kind in ("bpe", "chars") and not seen.any:
+        raise TinylmError(f"a '{config.kind}' tokenizer needs training text, and none was given")
     definition = json.loads(hf.to_str())
     definition["model"]["tinylm"] = meta
     return Tokenizer(definition)
+
+
+class _NonEmpty:
+    """Training texts passed through once (a stream is never held whole), noting whether any had characters."""
+
+    def __init__(self, texts: Iterable[str]):
+        self.texts, self.any = texts, False
+
+    def __iter__(self):
+        for text in self.texts:
+            self.any = self.any or bool(text)
+            yield text
 
 
 def _meta(config: TokenizerConfig, kind: str, specials: list[str], **extra) -> dict:
@@ -91,7 +100,7 @@ def _build_bpe(config: TokenizerConfig, texts) -> tuple[HFTokenizer, dict]:
     hf = _bpe_shell(config)
     trainer = trainers.BpeTrainer(vocab_size=config.vocab_size, special_tokens=_specials(config),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    hf.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    hf.train_from_iterator(texts, trainer=trainer)
     if config.sink:
         hf.post_processor = _sink_template(config, hf)
     return hf, _meta(config, "bpe", config.special_tokens, suffix_space=config.suffix_space,

@@ -52,7 +52,7 @@ def load_run_model(run_dir: str | Path, which: str = "best", device: str | torch
     model = build_model(recipe.model)
     load_weights(model, checkpoint / WEIGHTS_FILE)
     model.to(device).eval()
-    return LoadedModel(model, recipe, tokenizer, checkpoint, run, run.checkpoint_note(which, checkpoint))
+    return LoadedModel(model, recipe, tokenizer, checkpoint, run, note=run.checkpoint_note(which, checkpoint))
 
 
 def load_model(path: str | Path, which: str = "best", device: str | torch.device = "cpu") -> LoadedModel:
