@@ -27,7 +27,7 @@ from tinylm.recipe import ModelConfig
 ARCHITECTURES = {"llama": Llama, "mixer": MicroMixer}  # recipe model.arch -> class
 
 __all__ = ["build_model", "count_parameters", "ParameterCount", "KVCache", "MixerState", "IGNORE_INDEX",
-           "Llama", "MicroMixer", "decay_split", "ARCHITECTURES", "resolve_device"]
+           "Llama", "MicroMixer", "decay_split", "parameter_roles", "ARCHITECTURES", "resolve_device"]
 
 
 def build_model(config: ModelConfig, device: str | torch.device | None = None) -> nn.Module:
@@ -57,6 +57,25 @@ def decay_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter
     """llama2.c's optimizer groups: weight decay on tensors of 2 or more dimensions, none on norms and biases."""
     params = [p for p in model.parameters() if p.requires_grad]
     return [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+
+
+def parameter_roles(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Each trainable tensor's role, for per-group learning rates and Muon: "embedding" (token tables, the tied head
+    with them), "head" (an output matrix of its own), "matrix" (the other 2-D tensors: the hidden layers' weights) and
+    "scalar" (norm gains, biases: under 2 dimensions)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = model.unembedding_matrix()
+    roles: dict[str, list[nn.Parameter]] = {"embedding": [], "head": [], "matrix": [], "scalar": []}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in embeddings:
+            roles["embedding"].append(p)
+        elif p is head:
+            roles["head"].append(p)
+        else:
+            roles["matrix" if p.dim() >= 2 else "scalar"].append(p)
+    return roles
 
 
 @dataclass
