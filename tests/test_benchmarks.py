@@ -29,3 +29,11 @@ def test_generate_speed_reports_its_keys():
     result = last_json_line("generate_speed.py", "--new-tokens", "4")
     for key in ("batch1_tokens_per_s", "batch64_tokens_per_s", "transformers_batch1_tokens_per_s", "ratio_batch1"):
         assert result[key] > 0
+
+
+def test_speedrun_step_timing_reports_each_candidate_against_the_baseline():
+    result = last_json_line("speedrun.py", "--step-timing", "1", "--threads", "1", "--only", "muon",
+                            "--set", "model.n_layers=1")
+    timing = result["step_timing"]
+    assert set(timing) == {"baseline", "muon"} and timing["baseline"]["ratio"] == 1.0
+    assert timing["muon"]["ms_per_step"] > 0 and timing["muon"]["ratio"] > 0
