@@ -342,6 +342,10 @@ def validate(recipe: Recipe) -> None:
     if d.framing == "eos":
         _require(bool(t.eos), "data.framing 'eos' needs tokenizer.eos")
 
+    _validate_train(tr)
+
+
+def _validate_train(tr: TrainConfig) -> None:
     for name in ("batch_size", "grad_accum", "max_steps", "log_interval", "eval_interval", "eval_batches",
                  "checkpoint_interval", "keep_last"):
         _require(getattr(tr, name) > 0, f"train.{name} must be positive, got {getattr(tr, name)}")
