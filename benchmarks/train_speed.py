@@ -35,7 +35,8 @@ from timing import interleaved_times
 from tinylm.models import build_model
 from tinylm.models.ops import onednn_matmul
 from tinylm.recipe import load_recipe
-from tinylm.train.runtime import build_optimizer, keep_freed_memory, training_step
+from tinylm.train.optimizer import build_optimizer
+from tinylm.train.runtime import keep_freed_memory, training_step
 
 
 def ours(name: str, batch_size: int | None = None):

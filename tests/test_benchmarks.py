@@ -44,3 +44,11 @@ def test_data_scale_reports_both_steps_and_the_reference(tmp_path):
     for step in ("tokenizer_train", "data_prepare", "encode_batch"):
         assert result[step]["mb_per_s"] > 0 and result[step]["peak_rss_mb"] > 0
     assert result["mb"] >= 0.3 and result["prepare_vs_encode_batch"] > 0
+
+
+def test_speedrun_step_timing_reports_each_candidate_against_the_baseline():
+    result = last_json_line("speedrun.py", "--step-timing", "1", "--threads", "1", "--only", "muon",
+                            "--set", "model.n_layers=1")
+    timing = result["step_timing"]
+    assert set(timing) == {"baseline", "muon"} and timing["baseline"]["ratio"] == 1.0
+    assert timing["muon"]["ms_per_step"] > 0 and timing["muon"]["ratio"] > 0

@@ -32,10 +32,12 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
 
-def test_two_processes_equal_one_with_double_accumulation(tmp_path, monkeypatch):
+@pytest.mark.parametrize("choice", [[], ["train.optimizer=muon", "train.schedule=wsd"]], ids=["adamw", "muon-wsd"])
+def test_two_processes_equal_one_with_double_accumulation(tmp_path, monkeypatch, choice):
     monkeypatch.setenv("TINYLM_PEAK_FLOPS", "1e11")
     base = tmp_path / "prepared"
-    prepare_run_data(load_recipe("llama2c-260k", TINY), RunDir(base), Context(), progress=False)
+    tiny = TINY + choice
+    prepare_run_data(load_recipe("llama2c-260k", tiny), RunDir(base), Context(), progress=False)
     runs = {}
     for name in ("one", "two"):
         runs[name] = tmp_path / name
@@ -43,7 +45,7 @@ def test_two_processes_equal_one_with_double_accumulation(tmp_path, monkeypatch)
         shutil.copy(base / "tokenizer.json", runs[name] / "tokenizer.json")
         shutil.copytree(base / "data", runs[name] / "data")
 
-    overrides = TINY + ["train.batch_size=4", "train.grad_accum=1"]
+    overrides = tiny + ["train.batch_size=4", "train.grad_accum=1"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "tinylm.cli", "train", "llama2c-260k", "--out", str(runs["two"]), "--quiet"]
     command += set_args(overrides)
@@ -52,7 +54,7 @@ def test_two_processes_equal_one_with_double_accumulation(tmp_path, monkeypatch)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "tokens per step: 256 = batch 4 x context 32 x accumulation 1 x processes 2" in done.stdout
 
-    train(load_recipe("llama2c-260k", TINY + ["train.batch_size=4", "train.grad_accum=2"]), runs["one"],
+    train(load_recipe("llama2c-260k", tiny + ["train.batch_size=4", "train.grad_accum=2"]), runs["one"],
           progress=False)
     one, two = _final(runs["one"]), _final(runs["two"])
     assert one.keys() == two.keys()

@@ -27,7 +27,8 @@ from tinylm.storage.atomic import verify_manifest, write_manifest
 from tinylm.storage.rundir import RunDir
 from tinylm.train.checkpoints import load_state
 from tinylm.train.loop import prepare_run_data, train
-from tinylm.train.runtime import Context, build_optimizer
+from tinylm.train.optimizer import build_optimizer
+from tinylm.train.runtime import Context
 from tinylm.train.schedule import learning_rate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +77,18 @@ def test_cosine_schedule_at_key_steps():
     assert learning_rate(500, t) == pytest.approx(1e-4)
 
 
+def test_wsd_schedule_warms_up_holds_then_falls_linearly():
+    t = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110, schedule="wsd", decay_fraction=0.5)
+    assert learning_rate(0, t) == pytest.approx(1e-4)
+    assert learning_rate(9, t) == learning_rate(10, t) == learning_rate(54, t) == pytest.approx(1e-3)
+    assert learning_rate(55, t) == pytest.approx(1e-3)  # the decay starts at update 110 - 55
+    assert learning_rate(60, t) == pytest.approx(1e-3 - 0.9e-3 * 5 / 55)
+    assert learning_rate(109, t) == pytest.approx(1e-4 + 0.9e-3 / 55)
+    assert learning_rate(110, t) == learning_rate(400, t) == pytest.approx(1e-4)
+    rates = [learning_rate(s, t) for s in range(55, 111)]
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+
+
 def test_constant_schedule():
     t = TrainConfig(lr=2e-3, warmup_steps=4, max_steps=50, schedule="constant")
     assert [learning_rate(s, t) for s in (0, 1, 3, 4, 49)] == pytest.approx([5e-4, 1e-3, 2e-3, 2e-3, 2e-3])
@@ -112,6 +125,40 @@ def test_parameter_groups_like_llama2c(capsys):
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert decay["betas"] == (0.9, 0.99)
+
+
+def test_muon_takes_the_hidden_matrices_and_each_role_keeps_its_rate(capsys):
+    recipe = load_recipe("llama2c-260k", ['model.unembedding="untied"', "train.optimizer=muon", "train.lr=1e-3",
+                                          "train.embedding_lr=5e-3", "train.head_lr=2e-4", "train.matrix_lr=3e-3"])
+    model = build_model(recipe.model)
+    optimizer = build_optimizer(model, recipe.train)
+    out = capsys.readouterr().out  # llama2.c's lines stay; Muon's line follows them
+    assert "num decayed parameter tensors: 37" in out  # 7 matrices in each of 5 blocks, the embedding, the head
+    assert "muon for 35 hidden matrices" in out
+    muon = optimizer.parts["muon"]
+    assert isinstance(muon, torch.optim.Muon) and isinstance(optimizer.parts["adamw"], torch.optim.AdamW)
+    hidden = {id(p) for layer in model.layers for p in layer.parameters() if p.dim() == 2}
+    assert {id(p) for g in muon.param_groups for p in g["params"]} == hidden
+    rate = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    assert rate[id(model.tok_embeddings.weight)] == (5e-3, 0.1)
+    assert rate[id(model.output.weight)] == (2e-4, 0.1)
+    assert rate[id(model.layers[0].attention.wq.weight)] == (3e-3, 0.1)
+    assert rate[id(model.norm.weight)] == (1e-3, 0.0)
+    assert len(rate) == len(list(model.parameters()))
+    optimizer.set_lr_scale(0.5)
+    assert {g["lr"] for g in optimizer.param_groups} == {2.5e-3, 1e-4, 1.5e-3, 5e-4}
+
+
+def test_zero_init_projections_start_each_block_as_the_identity():
+    recipe = load_recipe("tinystories-demo", ["model.zero_init_projections=true", "model.n_layers=2"])
+    torch.manual_seed(0)
+    model = build_model(recipe.model)
+    for layer in model.layers:
+        assert not layer.attention.wo.weight.any() and not layer.feed_forward.w2.weight.any()
+        assert float(layer.attention.wq.weight.detach().std()) == pytest.approx(0.02, rel=0.05)
+    torch.manual_seed(0)  # everything else is drawn as before
+    plain = build_model(load_recipe("tinystories-demo", ["model.n_layers=2"]).model)
+    assert torch.equal(plain.tok_embeddings.weight, model.tok_embeddings.weight)
 
 
 @pytest.mark.parametrize("unembedding", ["tied", "untied", "pinv"])
@@ -177,10 +224,21 @@ def test_accumulation_equals_a_larger_batch(prepared, tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
-def test_resume_is_bitwise_identical(prepared, tmp_path):
+def _tensors(state) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for key in sorted(state, key=str) for t in _tensors(state[key])]
+    return []
+
+
+@pytest.mark.parametrize("choice", [[], ["train.optimizer=muon", "train.schedule=wsd", "train.embedding_lr=4e-3"]],
+                         ids=["adamw-cosine", "muon-wsd"])
+def test_resume_is_bitwise_identical(prepared, tmp_path, choice):
     whole = new_run(prepared, tmp_path, "llama2c-260k", "whole")
     split = new_run(prepared, tmp_path, "llama2c-260k", "split")
-    recipe = tiny("llama2c-260k", "train.checkpoint_interval=100")  # dropout 0.05 stays on: RNG must resume too
+    # dropout 0.05 stays on: RNG must resume too
+    recipe = tiny("llama2c-260k", "train.checkpoint_interval=100", *choice)
     train(recipe, whole, progress=False)
     first = train(recipe, split, progress=False, stop_after=3)
     assert first.step == 3 and first.stopped == "stop_after"
@@ -192,11 +250,10 @@ def test_resume_is_bitwise_identical(prepared, tmp_path):
     assert wa.keys() == wb.keys()
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
-    sa = load_state(RunDir(whole).step_checkpoints()[-1])["optimizer"]["state"]
-    sb = load_state(RunDir(split).step_checkpoints()[-1])["optimizer"]["state"]
-    for index in sa:
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(sa[index][key], sb[index][key])
+    sa = _tensors(load_state(RunDir(whole).step_checkpoints()[-1])["optimizer"])
+    sb = _tensors(load_state(RunDir(split).step_checkpoints()[-1])["optimizer"])
+    assert len(sa) == len(sb) > 0
+    assert all(torch.equal(a, b) for a, b in zip(sa, sb, strict=True))
     # metrics.jsonl of the split run holds each step once, as the unbroken run does
     steps = [json.loads(x)["step"] for x in (split / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert steps == [1, 2, 3, 4, 5, 6]
@@ -339,6 +396,11 @@ def test_refuses_a_tokenizer_that_does_not_match(trained, tmp_path, prepared):
     (["micromixer-100k", "--set", "train.nope=1"], "unknown key"),
     (["micromixer-100k", "--set", "data.paths=['/no/such/file.txt']"], "data path not found"),
     (["micromixer-100k", "--resume"], "nothing to resume"),
+    (["micromixer-100k", "--set", "train.optimizer=sgd"], "train.optimizer must be one of adamw, muon"),
+    (["micromixer-100k", "--set", "train.schedule=linear"], "train.schedule must be one of"),
+    (["micromixer-100k", "--set", "train.decay_fraction=0"], "train.decay_fraction"),
+    (["micromixer-100k", "--set", "train.matrix_lr=-1"], "train.matrix_lr"),
+    (["micromixer-100k", "--set", "model.zero_init_projections=true"], "model.zero_init_projections"),
 ])
 def test_train_cli_bad_input_exits_2(tmp_path, capsys, args, message):
     assert cli.main(["train", *args, "--out", str(tmp_path / "run"), "--quiet"]) == 2

@@ -37,6 +37,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     dropout: float = 0.0
     w1_bias: bool = False  # a bias on the SwiGLU gate (simpler-llama)
+    zero_init_projections: bool = False  # LLaMA: each block's output projections (wo, w2) start at zero
     hyper_dim: int = 64  # MicroMixer hypernetwork width
     embedding_rotary: str = "quirk"  # MicroMixer position transform: "quirk" (the original's), "standard" or "none"
 
@@ -88,7 +89,14 @@ class TrainConfig:
     lr: float = 5e-4
     min_lr: float = 0.0
     warmup_steps: int = 100
-    schedule: str = "cosine"  # "cosine" (warmup + cosine to min_lr), "onecycle", "constant"
+    schedule: str = "cosine"  # "cosine" (warmup + cosine to min_lr), "wsd" (warmup, stable, decay), "onecycle",
+    # "constant"
+    decay_fraction: float = 0.2  # wsd: the last fraction of max_steps, in which the rate falls linearly to min_lr
+    optimizer: str = "adamw"  # "adamw", or "muon" (Muon for hidden matrices, AdamW for the rest)
+    embedding_lr: float = 0.0  # peak rate of the token embedding (and a tied head); 0 = lr
+    head_lr: float = 0.0  # peak rate of an untied output matrix; 0 = lr
+    matrix_lr: float = 0.0  # peak rate of the hidden matrices (with "muon" on AdamW's scale too); 0 = lr
+    muon_momentum: float = 0.95
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -334,6 +342,7 @@ def validate(recipe: Recipe) -> None:
     else:
         _require(m.dim % 2 == 0, f"model.dim must be even for the mixer's rotary transform, got {m.dim}")
         _require(m.unembedding == "tied", "model.unembedding: MicroMixer's head is tied to its embedding")
+        _require(not m.zero_init_projections, "model.zero_init_projections is for LLaMA-style models")
 
     _choice(t.kind, ("bytes", "bpe", "chars", "gpt2"), "tokenizer.kind")
     _require(t.vocab_size > 0, f"tokenizer.vocab_size must be positive, got {t.vocab_size}")
@@ -356,19 +365,28 @@ def validate(recipe: Recipe) -> None:
     if d.framing == "eos":
         _require(bool(t.eos), "data.framing 'eos' needs tokenizer.eos")
 
+    _validate_train(tr)
+    _validate_session(recipe)
+
+
+def _validate_train(tr: TrainConfig) -> None:
     for name in ("batch_size", "grad_accum", "max_steps", "log_interval", "eval_interval", "eval_batches",
                  "checkpoint_interval", "keep_last"):
         _require(getattr(tr, name) > 0, f"train.{name} must be positive, got {getattr(tr, name)}")
     _require(tr.lr > 0, f"train.lr must be positive, got {tr.lr}")
     _require(0 <= tr.min_lr <= tr.lr, f"train.min_lr must be in [0, train.lr], got {tr.min_lr}")
     _require(tr.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {tr.warmup_steps}")
-    _choice(tr.schedule, ("cosine", "onecycle", "constant"), "train.schedule")
+    _choice(tr.schedule, ("cosine", "wsd", "onecycle", "constant"), "train.schedule")
+    _require(0 < tr.decay_fraction <= 1, f"train.decay_fraction must be in (0, 1], got {tr.decay_fraction}")
+    _choice(tr.optimizer, ("adamw", "muon"), "train.optimizer")
+    for name in ("embedding_lr", "head_lr", "matrix_lr"):
+        _require(getattr(tr, name) >= 0, f"train.{name} must be >= 0 (0 = train.lr), got {getattr(tr, name)}")
+    _require(0 <= tr.muon_momentum < 1, f"train.muon_momentum must be in [0, 1), got {tr.muon_momentum}")
     _require(tr.weight_decay >= 0, f"train.weight_decay must be >= 0, got {tr.weight_decay}")
     _require(0 <= tr.beta1 < 1 and 0 <= tr.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
     _require(tr.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {tr.grad_clip}")
     _choice(tr.device, ("auto", "cpu", "cuda"), "train.device")
     _choice(tr.dtype, ("auto", "float32", "bfloat16"), "train.dtype")
-    _validate_session(recipe)
 
 
 def _validate_session(recipe: Recipe) -> None:  # a run's time budget, where it reports, what its card tells the hub

@@ -21,11 +21,12 @@ from tinylm.models.shapes import ParameterCount, count_from_shapes
 
 # name -> the module that defines it, imported when the name is first used
 _LAZY = {"build_model": "build", "count_parameters": "build", "decay_split": "build", "ARCHITECTURES": "build",
-         "resolve_device": "build", "KVCache": "cache", "MixerState": "cache", "IGNORE_INDEX": "ops",
-         "Llama": "llama", "MicroMixer": "mixer"}
+         "resolve_device": "build", "parameter_roles": "build", "KVCache": "cache", "MixerState": "cache",
+         "IGNORE_INDEX": "ops", "Llama": "llama", "MicroMixer": "mixer"}
 
 __all__ = ["build_model", "count_parameters", "count_from_shapes", "ParameterCount", "KVCache", "MixerState",
-           "IGNORE_INDEX", "Llama", "MicroMixer", "decay_split", "ARCHITECTURES", "resolve_device"]
+           "IGNORE_INDEX", "Llama", "MicroMixer", "decay_split", "parameter_roles", "ARCHITECTURES",
+           "resolve_device"]
 
 
 def __getattr__(name: str):

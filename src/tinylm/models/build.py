@@ -66,3 +66,22 @@ def count_parameters(model: nn.Module) -> ParameterCount:
         not_decayed=sum(p.numel() for p in not_decayed),
         not_decayed_tensors=len(not_decayed),
     )
+
+
+def parameter_roles(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Each trainable tensor's role, for per-group learning rates and Muon: "embedding" (token tables, the tied head
+    with them), "head" (an output matrix of its own), "matrix" (the other 2-D tensors: the hidden layers' weights) and
+    "scalar" (norm gains, biases: under 2 dimensions)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = model.unembedding_matrix()
+    roles: dict[str, list[nn.Parameter]] = {"embedding": [], "head": [], "matrix": [], "scalar": []}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in embeddings:
+            roles["embedding"].append(p)
+        elif p is head:
+            roles["head"].append(p)
+        else:
+            roles["matrix" if p.dim() >= 2 else "scalar"].append(p)
+    return roles

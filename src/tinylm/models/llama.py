@@ -123,11 +123,12 @@ class Llama(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """N(0, 0.02) everywhere, N(0, 0.02/sqrt(2L)) on each residual branch's output projection.
+        """N(0, 0.02) everywhere, N(0, 0.02/sqrt(2L)) on each residual branch's output projection, or zero there
+        with zero_init_projections (so every block starts as the identity, as in the modded-nanogpt speedrun).
 
         nanoGPT scales the true output projections (wo, w2); llama2.c scales wo and w3, which we take for a slip."""
         normal_init(self)
-        branch_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        branch_std = 0.0 if self.config.zero_init_projections else 0.02 / math.sqrt(2 * self.config.n_layers)
         for layer in self.layers:
             nn.init.normal_(layer.attention.wo.weight, mean=0.0, std=branch_std)
             nn.init.normal_(layer.feed_forward.w2.weight, mean=0.0, std=branch_std)

@@ -59,8 +59,11 @@ def hardware_text(hardware) -> str:
 
 def _optimizer_text(info: RunInfo) -> str:
     t = info.recipe.train
-    return (f"AdamW lr {t.lr:g} ({t.schedule}, warmup {t.warmup_steps}, min {t.min_lr:g}), betas ({t.beta1:g}, "
-            f"{t.beta2:g}), weight decay {t.weight_decay:g} on 2-D tensors, clip {t.grad_clip:g}, "
+    rates = "".join(f", {role} lr {rate:g}" for role, rate in (("embedding", t.embedding_lr), ("head", t.head_lr),
+                                                                  ("matrix", t.matrix_lr)) if rate)
+    optimizer = "Muon for hidden matrices, AdamW for the rest:" if t.optimizer == "muon" else "AdamW"
+    return (f"{optimizer} lr {t.lr:g}{rates} ({t.schedule}, warmup {t.warmup_steps}, min {t.min_lr:g}), betas "
+            f"({t.beta1:g}, {t.beta2:g}), weight decay {t.weight_decay:g} on 2-D tensors, clip {t.grad_clip:g}, "
             f"dropout {info.recipe.model.dropout:g}")
 
 

@@ -32,6 +32,7 @@ from tinylm.train import checkpoints as ckpt
 from tinylm.train.evaluation import bits_per_byte, eval_batch_size, loss_sums
 from tinylm.train.initialization import Initialization, adopt_tokenizer
 from tinylm.train.metrics import MetricsFile, hardware_description, log_line, peak_flops
+from tinylm.train.optimizer import build_optimizer
 from tinylm.train.resume import check_resumable, resume_checkpoint
 from tinylm.train.rng import capture_rng, restore_rng, step_seed
 from tinylm.train.runtime import (
@@ -39,7 +40,6 @@ from tinylm.train.runtime import (
     StopRequest,
     accumulate_gradients,
     apply_update,
-    build_optimizer,
     setup_context,
 )
 from tinylm.train.schedule import learning_rate
@@ -263,9 +263,7 @@ class Trainer:
     def train_step(self, stop_requested: bool) -> tuple[float, bool]:
         """One optimizer update; returns (mean loss over the global batch, whether any rank asks to stop)."""
         t, ctx = self.recipe.train, self.ctx
-        lr = learning_rate(self.step, t)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.optimizer.set_lr_scale(learning_rate(self.step, t) / t.lr)
         torch.manual_seed(step_seed(t.seed, ctx.rank, self.step))
         x_all, y_all = next(self.sampler)
         rows = slice(ctx.rank * self.rows, (ctx.rank + 1) * self.rows)

@@ -1,4 +1,4 @@
-"""How one training step runs: the process's place (rank, device, numeric format), the optimizer, the forward and
+"""How one training step runs: the process's place (rank, device, numeric format), the forward and
 backward over micro-batches, the update, and a clean stop on SIGINT/SIGTERM. train.py drives these in its loop;
 benchmarks/train_speed.py times the same functions."""
 
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from tinylm.errors import TinylmError
-from tinylm.models import decay_split, resolve_device
+from tinylm.models import resolve_device
 from tinylm.recipe import TrainConfig
 
 
@@ -72,22 +72,6 @@ def setup_context(train: TrainConfig) -> Context:
     if ctx.dtype == "bfloat16" and use_cuda and not torch.cuda.is_bf16_supported():
         raise TinylmError("this GPU has no bfloat16 support: set train.dtype = \"float32\"")
     return ctx
-
-
-def build_optimizer(model: torch.nn.Module, train: TrainConfig, report=print) -> torch.optim.AdamW:
-    """AdamW with llama2.c's groups: weight decay on 2-D tensors (matmuls, embeddings), none on norms and biases."""
-    decayed, not_decayed = decay_split(model)
-    report(f"num decayed parameter tensors: {len(decayed)}, with {sum(p.numel() for p in decayed):,} parameters")
-    report(f"num non-decayed parameter tensors: {len(not_decayed)}, "
-           f"with {sum(p.numel() for p in not_decayed):,} parameters")
-    groups = [{"params": decayed, "weight_decay": train.weight_decay},
-              {"params": not_decayed, "weight_decay": 0.0}]
-    # The fused kernel makes one pass over each tensor (several times faster on a CPU than the multi-tensor path;
-    # docs/RESULTS.md); PyTorch builds without a CPU fused AdamW fall back to that path.
-    try:
-        return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), foreach=True)
 
 
 def accumulate_gradients(model, micro_batches, count: int, ctx: Context) -> torch.Tensor:

@@ -8,7 +8,11 @@
   two phases) and pct_start = warmup_steps / max_steps, which is how Test-1-4000 was trained. It rises from lr/25 to
   `lr` at update warmup_steps - 1, then anneals to `min_lr` (or lr/25/1e4 when min_lr is 0) at update max_steps - 1.
   Momentum is not cycled (cycle_momentum=False): beta1 stays the recipe's.
+- "wsd": warmup-stable-decay (Hu et al. 2024, "MiniCPM"; the modded-nanogpt speedrun): the same linear warmup, `lr`
+  until the last `decay_fraction` of max_steps, then a straight line down to `min_lr` at update `max_steps`.
 - "constant": the same linear warmup, then `lr`.
+
+Each optimizer group has its own peak rate; the trainer scales them all by learning_rate(step) / lr.
 """
 
 from __future__ import annotations
@@ -36,6 +40,11 @@ def learning_rate(step: int, train: TrainConfig) -> float:
         return lr
     if step >= total:
         return train.min_lr
+    if train.schedule == "wsd":
+        decay_start = max(warmup, total - round(train.decay_fraction * total))
+        if step < decay_start:
+            return lr
+        return lr + (train.min_lr - lr) * (step - decay_start) / max(1, total - decay_start)
     return _cosine_between(lr, train.min_lr, (step - warmup) / max(1, total - warmup))
 
 

@@ -1,0 +1,204 @@
+"""More model per CPU-minute: the tinystories-demo recipe as it was (AdamW, warmup + cosine, one rate) against
+candidate training choices at the same token budget, two seeds each, scored on the whole validation split.
+
+Every run trains on the same tokenizer and shards (prepared once), evaluates bits per byte on the whole validation
+split every 100 steps (the trainer's periodic evaluation with enough batches to cover the split; training is
+unaffected), and is a separate `tinylm train` process. Runs are deterministic, so the figures compare across machines
+of one kind; wall time and ms per step do not. The runs take turns seed by seed (baseline, each candidate, then the
+next seed), so a slow spell of a shared machine falls on all of them alike; ms_per_step_ratio compares the median
+step time of each candidate with the baseline's over the same seeds.
+
+    python benchmarks/speedrun.py --out runs/speedrun
+
+The last line is JSON: baseline_bpb (the better baseline seed), best_bpb_at_1200 and best_steps_to_baseline_bpb
+(the best candidate's worse seed) and that candidate's ms_per_step_ratio, with every run's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from timing import interleaved_times
+from tinylm.data.shards import TokenShard
+from tinylm.models import build_model
+from tinylm.recipe import load_recipe
+from tinylm.train.optimizer import build_optimizer
+from tinylm.train.runtime import keep_freed_memory, training_step
+
+RECIPE = "tinystories-demo"
+BASELINE = ["train.optimizer=adamw", "train.schedule=cosine"]  # the recipe as llama2.c would train it
+# The candidates, each alone and combined; the settings were chosen before any run, not tuned on the validation split.
+WSD = ["train.schedule=wsd", "train.decay_fraction=0.4", "train.min_lr=0.0"]
+MUON, MUON_3X = ["train.optimizer=muon"], ["train.optimizer=muon", "train.matrix_lr=6e-3"]
+EMBED_3X, ZERO_INIT = ["train.embedding_lr=6e-3"], ["model.zero_init_projections=true"]
+CANDIDATES: dict[str, list[str]] = {
+    "baseline": BASELINE,
+    "wsd": WSD,
+    "embed3x": EMBED_3X,
+    "zero-init": ZERO_INIT,
+    "muon": MUON,
+    "muon3x": MUON_3X,
+    "muon+wsd": MUON + WSD,
+    "muon3x+wsd": MUON_3X + WSD,
+    "muon3x+wsd+embed3x": MUON_3X + WSD + EMBED_3X,
+    "muon3x+wsd+zero-init": MUON_3X + WSD + ZERO_INIT,
+}
+SEEDS = (1337, 42)
+EVAL_EVERY = 100
+
+
+def tinylm(*args: str, log: Path, cpu: int | None = None) -> None:
+    """`tinylm ARGS` in a child process; pinned to one core when `cpu` is given (it then trains on one thread)."""
+    command = [sys.executable, "-m", "tinylm.cli", *args]
+    print("$ tinylm " + " ".join(args), flush=True)
+    pin = None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))
+    with open(log, "w") as sink:
+        done = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=pin)
+    if done.returncode != 0:
+        sys.exit(f"failed ({done.returncode}); see {log}")
+
+
+def prepare(out: Path) -> tuple[Path, int]:
+    """One tokenizer and one set of shards for every run; returns the folder and the evaluation batches that cover
+    the whole validation split."""
+    prepared = out / "prepared"
+    tinylm("data", "prepare", RECIPE, "--out", str(prepared), "--quiet", log=out / "prepare.log")
+    recipe = load_recipe(RECIPE)
+    blocks = math.ceil((TokenShard(prepared / "data" / "val.bin").n_tokens - 1) / recipe.model.context_length)
+    return prepared, math.ceil(blocks / recipe.train.batch_size)
+
+
+def train_run(name: str, seed: int, steps: int, out: Path, prepared: Path,
+              val_batches: int, extra: list[str], cpu: int | None = None) -> dict:
+    run = out / f"{name}-seed{seed}"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    shutil.copy(prepared / "tokenizer.json", run / "tokenizer.json")
+    shutil.copytree(prepared / "data", run / "data")
+    sets = CANDIDATES[name] + [f"train.seed={seed}", f"train.max_steps={steps}", f"train.eval_interval={EVAL_EVERY}",
+                        f"train.eval_batches={val_batches}", f"train.checkpoint_interval={steps}",
+                        "train.max_minutes=0", *extra]
+    tinylm("train", RECIPE, *[w for s in sets for w in ("--set", s)], "--out", str(run), "--quiet",
+           log=run / "train.log", cpu=cpu)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    curve = {x["step"]: x["val_bpb"] for x in lines if "val_bpb" in x}
+    step_ms = [x["ms_per_step"] for x in lines if "ms_per_step" in x][1:]  # the first interval includes warm-up
+    info = json.loads((run / "run.json").read_text())
+    result = {"name": name, "seed": seed, "steps": steps, "tokens": steps * info["tokens_per_step"],
+              "wall_s": info["wall_time_s"], "ms_per_step": statistics.median(step_ms), "bpb": curve[steps],
+              "curve": curve}
+    print(f"  {name} seed {seed}: {result['bpb']:.4f} bits per byte, {result['ms_per_step']:.1f} ms/step",
+          flush=True)
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    return result
+
+
+def first_step_at_or_below(curve: dict[int, float], target: float) -> int | None:
+    return next((step for step, bpb in sorted(curve.items()) if step > 0 and bpb <= target), None)
+
+
+def summarise(runs: list[dict], steps: int) -> dict:
+    baseline_bpb = min(r["bpb"] for r in runs if r["name"] == "baseline")
+    base_ms = statistics.median(r["ms_per_step"] for r in runs if r["name"] == "baseline")
+    per_candidate = {}
+    for name in dict.fromkeys(r["name"] for r in runs):
+        mine = [r for r in runs if r["name"] == name]
+        reached = [first_step_at_or_below(r["curve"], baseline_bpb) for r in mine]
+        per_candidate[name] = {
+            "bpb_worse_seed": max(r["bpb"] for r in mine),
+            "steps_to_baseline_bpb_worse_seed": None if None in reached else max(reached),
+            "ms_per_step_ratio": statistics.median(r["ms_per_step"] for r in mine) / base_ms}
+    best = min((n for n in per_candidate if n != "baseline"), key=lambda n: per_candidate[n]["bpb_worse_seed"])
+    return {"recipe": RECIPE, "steps": steps, "seeds": list(SEEDS), "baseline_bpb": baseline_bpb, "best": best,
+            "best_bpb_at_1200": per_candidate[best]["bpb_worse_seed"],
+            "best_steps_to_baseline_bpb": per_candidate[best]["steps_to_baseline_bpb_worse_seed"],
+            "ms_per_step_ratio": per_candidate[best]["ms_per_step_ratio"], "candidates": per_candidate,
+            "overrides": {n: CANDIDATES[n] for n in per_candidate},
+            "runs": [{k: v for k, v in r.items() if k != "curve"} | {"curve": r["curve"]} for r in runs]}
+
+
+def print_table(runs: list[dict], summary: dict) -> None:
+    print(f"\n| candidate | seed | steps | tokens | wall s | ms/step | bits per byte | steps to "
+          f"{summary['baseline_bpb']:.4f} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in runs:
+        reached = first_step_at_or_below(r["curve"], summary["baseline_bpb"])
+        print(f"| {r['name']} | {r['seed']} | {r['steps']:,} | {r['tokens']:,} | {r['wall_s']:.0f} | "
+              f"{r['ms_per_step']:.1f} | {r['bpb']:.4f} | {reached if reached else '-'} |")
+    print("\n| candidate | bits per byte (worse seed) | steps to baseline (worse seed) | ms/step vs baseline |")
+    print("|---|---:|---:|---:|")
+    for name, c in summary["candidates"].items():
+        print(f"| {name} | {c['bpb_worse_seed']:.4f} | {c['steps_to_baseline_bpb_worse_seed'] or '-'} | "
+              f"{c['ms_per_step_ratio']:.3f} |")
+
+
+def print_step_timing(names: list[str], rounds: int, extra: list[str]) -> None:
+    """The time of one training step (forward, backward, update) of each candidate in this process, the candidates
+    taking turns; the ratio of medians against the baseline's."""
+    contenders = {}
+    for name in names:
+        recipe = load_recipe(RECIPE, CANDIDATES[name] + extra)
+        torch.manual_seed(0)
+        model = build_model(recipe.model)
+        optimizer = build_optimizer(model, recipe.train, report=lambda *_: None)
+        x = torch.randint(0, recipe.model.vocab_size, (recipe.train.batch_size, recipe.model.context_length))
+        y = torch.randint(0, recipe.model.vocab_size, x.shape)
+        contenders[name] = lambda m=model, o=optimizer, b=[(x, y)], c=recipe.train.grad_clip: training_step(m, o, b, c)
+    keep_freed_memory()
+    times = interleaved_times(contenders, rounds, steps=5)
+    base = statistics.median(times["baseline"])
+    summary = {name: {"ms_per_step": statistics.median(t) * 1000, "ratio": statistics.median(t) / base}
+               for name, t in times.items()}
+    print("| candidate | ms per step (median) | vs baseline |\n|---|---:|---:|")
+    for name, row in summary.items():
+        print(f"| {name} | {row['ms_per_step']:.1f} | {row['ratio']:.3f} |")
+    print(json.dumps({"threads": torch.get_num_threads(), "rounds": rounds, "step_timing": summary}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/speedrun")
+    parser.add_argument("--steps", type=int, default=1200, help="training steps per run (the token budget)")
+    parser.add_argument("--only", nargs="*", default=list(CANDIDATES), help="candidates to run (baseline always)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for every run, e.g. train.device=cuda")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once, each pinned to one core (the figures stay the same; wall time and ms "
+                        "per step are then shared)")
+    parser.add_argument("--step-timing", type=int, default=0, metavar="ROUNDS",
+                        help="instead of training: time one step of each candidate, taking turns, for ROUNDS rounds")
+    parser.add_argument("--threads", type=int, default=0, help="with --step-timing: CPU threads (default all)")
+    args = parser.parse_args()
+    if args.steps % EVAL_EVERY:
+        sys.exit(f"--steps must be a multiple of {EVAL_EVERY}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = ["baseline"] + [n for n in args.only if n != "baseline"]
+    if args.step_timing:
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        return print_step_timing(names, args.step_timing, extra=args.set)
+    prepared, val_batches = prepare(out)
+    order = [(name, seed) for seed in SEEDS for name in names]
+    cpus = sorted(os.sched_getaffinity(0))
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # several at once: one core each, round robin
+        runs = list(pool.map(lambda i: train_run(*order[i], args.steps, out, prepared, val_batches, args.set,
+                                                 cpus[i % len(cpus)] if args.jobs > 1 else None), range(len(order))))
+    summary = summarise(runs, args.steps)
+    print_table(runs, summary)
+    (out / "speedrun.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
