@@ -6,6 +6,8 @@ Tokens/s = new tokens / wall time of the whole generate call (prefill included),
 least 3) in which the runs take turns, so the ratio compares runs made under the same machine conditions. Both sides
 run with --threads intra-op threads (default 1: on a small shared machine a second thread that waits for a busy core
 costs far more than it gives; tinylm's generate uses 1 thread for batches up to 4 whatever the setting).
+When llama.cpp's Python bindings (llama_cpp) import, the same weights exported as GGUF (f32 and q8_0) run in
+llama.cpp at batch 1 in the same rounds, with the same settings and --threads threads.
 The last line is one JSON object.
 
     python benchmarks/generate_speed.py [--threads 1] [--repeats 3] [--new-tokens 256] [--hf-batch64]
@@ -15,15 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from functools import partial
 
 import torch
 
 from timing import interleaved_times
+from tinylm.data.tokenizer_training import build_tokenizer
+from tinylm.export.gguf import export_gguf_model
 from tinylm.export.hf import hf_config, hf_state_dict
 from tinylm.infer.engine import generate
 from tinylm.models import build_model
-from tinylm.recipe import Sampling, load_recipe
+from tinylm.recipe import Sampling, TokenizerConfig, load_recipe
 
 SETTINGS = dict(temperature=0.5, min_p=0.15)
 
@@ -36,6 +41,34 @@ def transformers_model(model, recipe):
     hf = LlamaForCausalLM(LlamaConfig(**config)).eval()
     hf.load_state_dict(hf_state_dict(model), strict=False)  # tied: lm_head is the embedding
     return hf
+
+
+def llama_cpp_runs(model, recipe, prompt: list[int], n: int, threads: int, folder: str) -> dict:
+    """llama.cpp on the same weights (GGUF f32 and q8_0), batch 1; {} when llama_cpp does not import. The prompt's
+    ids are fed as they are: the byte vocabulary written beside them only has to make the file valid."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return {}
+    tokenizer = build_tokenizer(TokenizerConfig(kind="bytes", vocab_size=258))  # <s> </s> at 256, 257
+    runs = {}
+    for dtype in ("f32", "q8_0"):
+        out = f"{folder}/{dtype}"
+        export_gguf_model(model, recipe, tokenizer, out, dtype)
+        llm = llama_cpp.Llama(model_path=f"{out}/{recipe.name}-{dtype}.gguf", n_ctx=model.max_positions,
+                              n_threads=threads, n_batch=len(prompt), verbose=False)
+
+        def run(batch: int, llm=llm) -> None:  # batch 1 only: llama-cpp-python decodes one sequence
+            made = 0
+            for _ in llm.generate(prompt, temp=SETTINGS["temperature"], min_p=SETTINGS["min_p"], top_k=0, top_p=1.0,
+                                  repeat_penalty=1.0, reset=True):
+                made += 1
+                if made == n:
+                    break
+            assert made == n
+
+        runs[f"llama_cpp_{dtype}_batch1"] = (1, run)
+    return runs
 
 
 def main() -> None:
@@ -72,15 +105,25 @@ def main() -> None:
     runs = {"batch1": (1, ours), "transformers_batch1": (1, theirs), "batch64": (64, ours)}
     if args.hf_batch64:
         runs["transformers_batch64"] = (64, theirs)
-    times = interleaved_times({name: partial(fn, batch) for name, (batch, fn) in runs.items()}, max(3, args.repeats))
+    with tempfile.TemporaryDirectory() as folder:
+        runs.update(llama_cpp_runs(model, recipe, prompts[0], n, args.threads, folder))
+        times = interleaved_times({name: partial(fn, batch) for name, (batch, fn) in runs.items()},
+                                  max(3, args.repeats))
     result = {f"{name}_tokens_per_s": batch * n / min(times[name]) for name, (batch, _) in runs.items()}
     result["ratio_batch1"] = result["batch1_tokens_per_s"] / result["transformers_batch1_tokens_per_s"]
+    for dtype in ("f32", "q8_0"):
+        if f"llama_cpp_{dtype}_batch1_tokens_per_s" in result:
+            result[f"ratio_batch1_vs_llama_cpp_{dtype}"] = (result["batch1_tokens_per_s"]
+                                                           / result[f"llama_cpp_{dtype}_batch1_tokens_per_s"])
     result.update(threads=args.threads, new_tokens=n, torch=torch.__version__)
     print(f"tinylm batch 1:        {result['batch1_tokens_per_s']:9.0f} tokens/s")
     print(f"tinylm batch 64:       {result['batch64_tokens_per_s']:9.0f} tokens/s (all rows together)")
     print(f"transformers batch 1:  {result['transformers_batch1_tokens_per_s']:9.0f} tokens/s")
     if "transformers_batch64_tokens_per_s" in result:
         print(f"transformers batch 64: {result['transformers_batch64_tokens_per_s']:9.0f} tokens/s")
+    for dtype in ("f32", "q8_0"):
+        if f"llama_cpp_{dtype}_batch1_tokens_per_s" in result:
+            print(f"llama.cpp {dtype:<4} batch 1: {result[f'llama_cpp_{dtype}_batch1_tokens_per_s']:8.0f} tokens/s")
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}))
 
 
