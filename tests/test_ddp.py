@@ -17,7 +17,7 @@ from helpers import set_args, tiny_overrides
 from tinylm.recipe import load_recipe
 from tinylm.storage.rundir import RunDir
 from tinylm.train.loop import prepare_run_data, train
-from tinylm.train.runtime import Context
+from tinylm.train.runtime import Placement
 
 REPO = Path(__file__).resolve().parents[1]
 # batch_size stays the recipe's: the two runs compare accumulation and processes (gloo, on the CPU)
@@ -37,7 +37,7 @@ def test_two_processes_equal_one_with_double_accumulation(tmp_path, monkeypatch,
     monkeypatch.setenv("TINYLM_PEAK_FLOPS", "1e11")
     base = tmp_path / "prepared"
     tiny = TINY + choice
-    prepare_run_data(load_recipe("llama2c-260k", tiny), RunDir(base), Context(), progress=False)
+    prepare_run_data(load_recipe("llama2c-260k", tiny), RunDir(base), Placement(), progress=False)
     runs = {}
     for name in ("one", "two"):
         runs[name] = tmp_path / name

@@ -28,7 +28,7 @@ from tinylm.storage.rundir import RunDir
 from tinylm.train.checkpoints import load_state
 from tinylm.train.loop import prepare_run_data, train
 from tinylm.train.optimizer import build_optimizer
-from tinylm.train.runtime import Context
+from tinylm.train.runtime import Placement
 from tinylm.train.schedule import learning_rate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def prepared(tmp_path_factory):
     """tokenizer.json + data/ for each tiny recipe, made once and copied into each run directory."""
     base = tmp_path_factory.mktemp("prepared")
     for name, overrides in TINY.items():
-        prepare_run_data(load_recipe(name, overrides), RunDir(base / name), Context(), progress=False)
+        prepare_run_data(load_recipe(name, overrides), RunDir(base / name), Placement(), progress=False)
     return base
 
 

@@ -58,18 +58,18 @@ def gguf_problems(recipe: Recipe, tokenizer=None) -> list[str]:
     if architecture.family != "llama":
         return [f"{architecture.__name__} has no GGUF architecture (llama.cpp runs LLaMA-style decoders); export it "
                 "with --format hf"]
-    t = recipe.tokenizer
-    kind = tokenizer.kind if tokenizer is not None else t.kind
+    config = recipe.tokenizer
+    kind = tokenizer.kind if tokenizer is not None else config.kind
     meta = tokenizer.meta if tokenizer is not None else {}
     problems = []
     if kind == "chars":
         problems.append("a character vocabulary has no GGUF form (llama.cpp has no word-level tokenizer, and its "
                         "sentencepiece one needs <0xXX> byte tokens for characters outside the vocabulary, where "
                         "tinylm reads <unk>)")
-    if meta.get("suffix_space", t.suffix_space):
+    if meta.get("suffix_space", config.suffix_space):
         problems.append("suffix-space BPE splits words with their trailing space, a pre-tokenizer llama.cpp does "
                         "not have")
-    if meta.get("trailing_space_normalizer", t.trailing_space_normalizer):
+    if meta.get("trailing_space_normalizer", config.trailing_space_normalizer):
         problems.append("the trailing-space normaliser has no GGUF form (llama.cpp's BPE tokenizers normalise "
                         "nothing)")
     if recipe.data.framing == "sink_bos":

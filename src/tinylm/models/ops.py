@@ -157,11 +157,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], block):
             h = hidden[start:start + block]
-            t = safe_targets[start:start + block, None]
+            block_targets = safe_targets[start:start + block, None]
             log_probs = torch.log_softmax(matmul_nt(h, weight).float(), dim=-1)
-            picked = log_probs.gather(1, t)
+            picked = log_probs.gather(1, block_targets)
             grad = log_probs.exp_()  # softmax, in place
-            grad.scatter_add_(1, t, torch.full(t.shape, -1.0, dtype=grad.dtype, device=grad.device))
+            minus_one = torch.full(block_targets.shape, -1.0, dtype=grad.dtype, device=grad.device)
+            grad.scatter_add_(1, block_targets, minus_one)
             if masked:
                 keep = valid[start:start + block, None]
                 picked.masked_fill_(~keep, 0.0)

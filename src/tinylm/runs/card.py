@@ -20,12 +20,13 @@ TOKENIZER_NAMES = {"bytes": "raw UTF-8 bytes", "bpe": "byte-level BPE", "chars":
 
 
 def details_rows(info: RunInfo) -> list[tuple[str, str]]:
-    m, t = info.recipe.model, info.recipe.tokenizer
+    m, tokenizer = info.recipe.model, info.recipe.tokenizer
     rows = [("architecture", info.model.describe()), ("layers", str(m.n_layers)), ("width", str(m.dim)),
             *info.model.detail_rows()]
     rows += [("context", f"{m.context_length} tokens"),
-             ("vocabulary", f"{m.vocab_size:,} ({TOKENIZER_NAMES[t.kind]}"
-                            + (f"; specials {', '.join(t.special_tokens)}" if t.special_tokens else "") + ")"),
+             ("vocabulary", f"{m.vocab_size:,} ({TOKENIZER_NAMES[tokenizer.kind]}"
+                            + (f"; specials {', '.join(tokenizer.special_tokens)}" if tokenizer.special_tokens else "")
+                            + ")"),
              ("parameters", f"{info.total_params:,} total, {info.non_embedding_params:,} without embeddings"),
              ("recipe", f"`{info.recipe.name}`"
               + (f" (reproduces {info.recipe.source})" if info.recipe.source else ""))]
@@ -58,13 +59,13 @@ def hardware_text(hardware) -> str:
 
 
 def _optimizer_text(info: RunInfo) -> str:
-    t = info.recipe.train
-    rates = "".join(f", {role} lr {rate:g}" for role, rate in (("embedding", t.embedding_lr), ("head", t.head_lr),
-                                                                  ("matrix", t.matrix_lr)) if rate)
-    optimizer = "Muon for hidden matrices, AdamW for the rest:" if t.optimizer == "muon" else "AdamW"
-    return (f"{optimizer} lr {t.lr:g}{rates} ({t.schedule}, warmup {t.warmup_steps}, min {t.min_lr:g}), betas "
-            f"({t.beta1:g}, {t.beta2:g}), weight decay {t.weight_decay:g} on 2-D tensors, clip {t.grad_clip:g}, "
-            f"dropout {info.recipe.model.dropout:g}")
+    train = info.recipe.train
+    group_rates = (("embedding", train.embedding_lr), ("head", train.head_lr), ("matrix", train.matrix_lr))
+    rates = "".join(f", {role} lr {rate:g}" for role, rate in group_rates if rate)
+    optimizer = "Muon for hidden matrices, AdamW for the rest:" if train.optimizer == "muon" else "AdamW"
+    return (f"{optimizer} lr {train.lr:g}{rates} ({train.schedule}, warmup {train.warmup_steps}, min "
+            f"{train.min_lr:g}), betas ({train.beta1:g}, {train.beta2:g}), weight decay {train.weight_decay:g} on "
+            f"2-D tensors, clip {train.grad_clip:g}, dropout {info.recipe.model.dropout:g}")
 
 
 def _table(rows: list[tuple[str, str]]) -> str:

@@ -34,8 +34,9 @@ class RunInfo:
     def tokens_per_step(self) -> int:
         if "tokens_per_step" in self.run:
             return int(self.run["tokens_per_step"])
-        t = self.recipe.train
-        return t.batch_size * t.grad_accum * self.recipe.model.context_length * int(self.run.get("world_size", 1))
+        train = self.recipe.train
+        processes = int(self.run.get("world_size", 1))
+        return train.batch_size * train.grad_accum * self.recipe.model.context_length * processes
 
     @property
     def steps(self) -> int:

@@ -36,25 +36,25 @@ from tinylm.train.optimizer import build_optimizer
 from tinylm.train.resume import check_resumable, resume_checkpoint
 from tinylm.train.rng import capture_rng, restore_rng, step_seed
 from tinylm.train.runtime import (
-    Context,
+    Placement,
     StopRequest,
     accumulate_gradients,
     apply_update,
-    setup_context,
+    setup_placement,
 )
 from tinylm.train.schedule import learning_rate
 from tinylm.train.trackers import Trackers, check_trackers
 
 
-def _rank0_first(ctx: Context, work):
+def _rank0_first(place: Placement, work):
     """Run `work` on rank 0 while the others wait; a TinylmError there stops every rank with the same message."""
     message = None
-    if ctx.main:
+    if place.main:
         try:
             work()
         except TinylmError as exc:
             message = str(exc)
-    if ctx.world > 1:
+    if place.world > 1:
         box = [message]
         dist.broadcast_object_list(box, src=0)
         message = box[0]
@@ -62,21 +62,21 @@ def _rank0_first(ctx: Context, work):
         raise TinylmError(message)
 
 
-def prepare_run_data(recipe: Recipe, run: RunDir, ctx: Context, progress: bool) -> Tokenizer:
+def prepare_run_data(recipe: Recipe, run: RunDir, place: Placement, progress: bool) -> Tokenizer:
     """tokenizer.json and data/ in the run directory: built on first use, reused after (rank 0 builds)."""
-    _rank0_first(ctx, lambda: prepare_run_inputs(recipe, run, progress))
+    _rank0_first(place, lambda: prepare_run_inputs(recipe, run, progress))
     return load_tokenizer(run.tokenizer_file)
 
 
-def write_run_json(run: RunDir, recipe: Recipe, ctx: Context, command: str | None, tokens_per_step: int,
+def write_run_json(run: RunDir, recipe: Recipe, place: Placement, command: str | None, tokens_per_step: int,
                    resumed_from: int | None, init: Initialization | None = None) -> dict[str, Any]:
     old = {}
     with contextlib.suppress(TinylmError):  # a damaged run.json only loses the history
         old = run.read_run_info()
     history = old.pop("history", []) + ([old] if old and resumed_from is not None else [])
     info = {"command": command, "started": datetime.now(UTC).isoformat(timespec="seconds"),
-            "recipe": recipe.name, "hardware": hardware_description(ctx.device), "torch": torch.__version__,
-            "world_size": ctx.world, "device": str(ctx.device), "dtype": ctx.dtype, "threads": ctx.threads,
+            "recipe": recipe.name, "hardware": hardware_description(place.device), "torch": torch.__version__,
+            "world_size": place.world, "device": str(place.device), "dtype": place.dtype, "threads": place.threads,
             "tokens_per_step": tokens_per_step, "resumed_from": resumed_from, "history": history}
     if init is not None:
         info["init_from"] = {"source": init.source, "hub_id": init.hub_id}
@@ -106,67 +106,67 @@ def train(recipe: Recipe, run_dir: str | Path, resume: bool | str = False, comma
     schedule as it is: `--resume` later continues exactly where it stopped. `init` starts a new run from existing
     weights."""
     check_trackers(recipe.train.report_to)  # before any work
-    ctx = setup_context(recipe.train)
+    place = setup_placement(recipe.train)
     try:
-        trainer = Trainer(recipe, RunDir(run_dir), ctx, resume, command, progress, init)
+        trainer = Trainer(recipe, RunDir(run_dir), place, resume, command, progress, init)
         try:
             return trainer.run(stop_after)
         finally:
             trainer.trackers.close()
     finally:
-        if ctx.world > 1 and dist.is_initialized():
+        if place.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, run: RunDir, ctx: Context, resume: bool | str, command: str | None,
+    def __init__(self, recipe: Recipe, run: RunDir, place: Placement, resume: bool | str, command: str | None,
                  progress: bool, init: Initialization | None = None):
-        self.recipe, self.run_dir, self.ctx, self.progress = recipe, run, ctx, progress
+        self.recipe, self.run_dir, self.place, self.progress = recipe, run, place, progress
         self.clock = time.perf_counter()
         if init is not None and resume:
             raise TinylmError("--init-from starts a new run and --resume continues one: give one of them")
         resume_from = self._resume_point(resume)
-        if ctx.main:
+        if place.main:
             run.path.mkdir(parents=True, exist_ok=True)
         if init is not None:  # before the data: the shards are made with the source's tokenizer
-            _rank0_first(ctx, lambda: adopt_tokenizer(run, init))
-        self.tokenizer = prepare_run_data(recipe, run, ctx, progress)
-        if ctx.main:  # written once the data fit the recipe: a refused start leaves the run's recipe as it was
+            _rank0_first(place, lambda: adopt_tokenizer(run, init))
+        self.tokenizer = prepare_run_data(recipe, run, place, progress)
+        if place.main:  # written once the data fit the recipe: a refused start leaves the run's recipe as it was
             atomic_write_text(run.recipe_file, recipe_to_toml(recipe))
-        t, context = recipe.train, recipe.model.context_length
+        config, context = recipe.train, recipe.model.context_length
         self.train_shard = TokenShard(run.data_dir / "train.bin", self.tokenizer)
         self.val_shard = TokenShard(run.data_dir / "val.bin", self.tokenizer)
-        self.rows = t.batch_size * t.grad_accum  # this rank's rows of the global batch
-        self.sampler = BatchSampler(self.train_shard, self.rows * ctx.world, context, t.seed)
-        self.tokens_per_step = self.rows * ctx.world * context
+        self.rows = config.batch_size * config.grad_accum  # this rank's rows of the global batch
+        self.sampler = BatchSampler(self.train_shard, self.rows * place.world, context, config.seed)
+        self.tokens_per_step = self.rows * place.world * context
 
-        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.model = build_model(recipe.model)
         if init is not None:
             load_checked(self.model, init.weights, f"--init-from {init.source}")
             self.say(f"starting from the weights of {init.source} (fresh optimizer and schedule)")
-        self.model.to(ctx.device)
-        where = f"{ctx.threads} thread{'s' * (ctx.threads > 1)}" if ctx.device.type == "cpu" else "1 GPU"
-        self.say(f"{recipe.name}: {sum(p.numel() for p in self.model.parameters()):,} parameters on {ctx.device} "
-                 f"({ctx.dtype}, {where} per process, {ctx.world} process{'es' * (ctx.world > 1)})")
-        self.optimizer = build_optimizer(self.model, t, report=self.say)
+        self.model.to(place.device)
+        where = f"{place.threads} thread{'s' * (place.threads > 1)}" if place.device.type == "cpu" else "1 GPU"
+        self.say(f"{recipe.name}: {sum(p.numel() for p in self.model.parameters()):,} parameters on {place.device} "
+                 f"({place.dtype}, {where} per process, {place.world} process{'es' * (place.world > 1)})")
+        self.optimizer = build_optimizer(self.model, config, report=self.say)
         self.step, self.best_val, self.elapsed_before = 0, math.inf, 0.0
         if resume_from is not None:
             self._restore(resume_from)
-        self.say(f"tokens per step: {self.tokens_per_step:,} = batch {t.batch_size} x context {context} x "
-                 f"accumulation {t.grad_accum} x processes {ctx.world}")
+        self.say(f"tokens per step: {self.tokens_per_step:,} = batch {config.batch_size} x context {context} x "
+                 f"accumulation {config.grad_accum} x processes {place.world}")
         self.fingerprint = self.tokenizer.fingerprint()
         self.metrics = MetricsFile(run.metrics_file)
-        if ctx.main:  # resumed: drop lines logged after the checkpoint; fresh: drop those of a crashed attempt
+        if place.main:  # resumed: drop lines logged after the checkpoint; fresh: drop those of a crashed attempt
             self.metrics.truncate_after(self.step if resume_from is not None else -1)
-            self.run_info = write_run_json(run, recipe, ctx, command, self.tokens_per_step,
+            self.run_info = write_run_json(run, recipe, place, command, self.tokens_per_step,
                                            self.step if resume_from is not None else None, init)
         self.forward_model = self._forward_model()
         self.flops_per_token = self.model.flops_per_token()
-        self.peak = peak_flops(ctx.device.type, torch.cuda.get_device_name(ctx.device)
-                               if ctx.device.type == "cuda" else "") * ctx.world
+        self.peak = peak_flops(place.device.type, torch.cuda.get_device_name(place.device)
+                               if place.device.type == "cuda" else "") * place.world
         self.last_val: float | None = None
-        self.trackers = Trackers(recipe.train.report_to if ctx.main else [], run, recipe)  # opened last
+        self.trackers = Trackers(recipe.train.report_to if place.main else [], run, recipe)  # opened last
 
     def _resume_point(self, resume: bool | str) -> Path | None:
         """The checkpoint to continue from (None for a fresh run), checked before anything is written."""
@@ -176,21 +176,21 @@ class Trainer:
                 raise TinylmError(f"{run.path} already holds a trained run: pass --resume to continue it, or --out "
                                   "elsewhere")
             return None
-        check_resumable(self.recipe, run, self.ctx.world)
+        check_resumable(self.recipe, run, self.place.world)
         return resume_checkpoint(run, self.recipe, "latest" if resume is True else resume)
 
     def _forward_model(self) -> torch.nn.Module:
         """The module the steps call: compiled when the recipe asks, wrapped for data parallelism across ranks."""
         model = torch.compile(self.model) if self.recipe.train.compile else self.model
-        if self.ctx.world > 1:
+        if self.place.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            model = DistributedDataParallel(model, device_ids=[self.ctx.local_rank]
-                                            if self.ctx.device.type == "cuda" else None)
+            model = DistributedDataParallel(model, device_ids=[self.place.local_rank]
+                                            if self.place.device.type == "cuda" else None)
         return model
 
     def say(self, text: str) -> None:
-        if self.ctx.main:
+        if self.place.main:
             from tqdm.auto import tqdm
 
             tqdm.write(text)
@@ -213,11 +213,11 @@ class Trainer:
         self.say(f"resuming from {path.name} (step {self.step})")
 
     def save(self, as_best: bool, as_step: bool) -> Path | None:
-        if not self.ctx.main or not (as_best or as_step):
+        if not self.place.main or not (as_best or as_step):
             return None
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
                  "rng": capture_rng(), "best_val_loss": self.best_val, "elapsed_s": self.elapsed(),
-                 "tokens": self.step * self.tokens_per_step, "world_size": self.ctx.world}
+                 "tokens": self.step * self.tokens_per_step, "world_size": self.place.world}
         info = {"tokenizer_fingerprint": self.fingerprint, "val_loss": self.last_val,
                 "tokens": self.step * self.tokens_per_step}
         checkpoints = self.run_dir.checkpoints_dir
@@ -235,11 +235,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ evaluation
     def measure(self) -> tuple[float, float]:
         """(train loss, val loss) on eval_batches fixed batches of each split."""
-        t, context = self.recipe.train, self.recipe.model.context_length
-        size = eval_batch_size(t.batch_size, context, self.recipe.model.vocab_size)
-        probe = BatchSampler(self.train_shard, size, context, seed=t.seed + 1)  # fixed probe batches
-        args = dict(device=self.ctx.device, autocast=self.ctx.autocast, max_batches=t.eval_batches,
-                    rank=self.ctx.rank, world=self.ctx.world)
+        config, context = self.recipe.train, self.recipe.model.context_length
+        size = eval_batch_size(config.batch_size, context, self.recipe.model.vocab_size)
+        probe = BatchSampler(self.train_shard, size, context, seed=config.seed + 1)  # fixed probe batches
+        args = dict(device=self.place.device, autocast=self.place.autocast, max_batches=config.eval_batches,
+                    rank=self.place.rank, world=self.place.world)
         train_nats, train_count = loss_sums(self.model, probe, **args)
         val_nats, val_count = loss_sums(self.model, eval_batches(self.val_shard, size, context), **args)
         return train_nats / train_count, val_nats / val_count
@@ -262,38 +262,38 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- the loop
     def train_step(self, stop_requested: bool) -> tuple[float, bool]:
         """One optimizer update; returns (mean loss over the global batch, whether any rank asks to stop)."""
-        t, ctx = self.recipe.train, self.ctx
-        self.optimizer.set_lr_scale(learning_rate(self.step, t) / t.lr)
-        torch.manual_seed(step_seed(t.seed, ctx.rank, self.step))
+        config, place = self.recipe.train, self.place
+        self.optimizer.set_lr_scale(learning_rate(self.step, config) / config.lr)
+        torch.manual_seed(step_seed(config.seed, place.rank, self.step))
         x_all, y_all = next(self.sampler)
-        rows = slice(ctx.rank * self.rows, (ctx.rank + 1) * self.rows)
-        micro_batches = zip(x_all[rows].chunk(t.grad_accum), y_all[rows].chunk(t.grad_accum), strict=True)
-        loss = accumulate_gradients(self.forward_model, micro_batches, t.grad_accum, ctx)
-        shared = torch.stack([loss, torch.tensor(float(stop_requested), device=ctx.device)])
-        if ctx.world > 1:
+        rows = slice(place.rank * self.rows, (place.rank + 1) * self.rows)
+        micro_batches = zip(x_all[rows].chunk(config.grad_accum), y_all[rows].chunk(config.grad_accum), strict=True)
+        loss = accumulate_gradients(self.forward_model, micro_batches, config.grad_accum, place)
+        shared = torch.stack([loss, torch.tensor(float(stop_requested), device=place.device)])
+        if place.world > 1:
             dist.all_reduce(shared)
-        loss_value, stop = float(shared[0]) / ctx.world, bool(shared[1] > 0)
+        loss_value, stop = float(shared[0]) / place.world, bool(shared[1] > 0)
         if not math.isfinite(loss_value):
             last = self.run_dir.step_checkpoints()
             raise TinylmError(f"loss is {loss_value} at step {self.step + 1}: training stopped; the last good "
                               f"checkpoint ({last[-1].name if last else 'none yet'}) is intact "
                               "(try a lower train.lr or a longer train.warmup_steps)")
-        apply_update(self.model, self.optimizer, t.grad_clip)
+        apply_update(self.model, self.optimizer, config.grad_clip)
         self.step += 1
         return loss_value, stop
 
     def run(self, stop_after: int | None = None) -> TrainSummary:
         from tqdm.auto import tqdm
 
-        t = self.recipe.train
-        if self.step >= t.max_steps:
-            self.say(f"already at step {self.step} of train.max_steps {t.max_steps}: nothing to do")
+        config = self.recipe.train
+        if self.step >= config.max_steps:
+            self.say(f"already at step {self.step} of train.max_steps {config.max_steps}: nothing to do")
             return self.finish("max_steps", None)
         if self.step == 0:
             self.evaluate_and_record()
-        budget = t.max_minutes * 60.0
-        bar = tqdm(total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=None if self.progress and self.ctx.main else True)  # None: only on a terminal
+        budget = config.max_minutes * 60.0
+        bar = tqdm(total=config.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=None if self.progress and self.place.main else True)  # None: only on a terminal
         reason, interval_start, interval_steps = None, time.perf_counter(), 0
         with StopRequest() as stop_request, bar:
             while reason is None:
@@ -303,17 +303,17 @@ class Trainer:
                 interval_steps += 1
                 if stop:
                     reason = "interrupted" if stop_request.signal is not None else "max_minutes"
-                elif self.step >= t.max_steps:
+                elif self.step >= config.max_steps:
                     reason = "max_steps"
                 elif stop_after is not None and self.step >= stop_after:
                     reason = "stop_after"
-                if self.step % t.log_interval == 0 or reason:
+                if self.step % config.log_interval == 0 or reason:
                     interval_start = self.log(loss, interval_start, interval_steps)
                     interval_steps = 0
                 improved, evaluated = False, False
-                if reason in ("max_steps", "max_minutes", "stop_after") or self.step % t.eval_interval == 0:
+                if reason in ("max_steps", "max_minutes", "stop_after") or self.step % config.eval_interval == 0:
                     improved, evaluated = self.evaluate_and_record(), True
-                regular = reason is not None or self.step % t.checkpoint_interval == 0
+                regular = reason is not None or self.step % config.checkpoint_interval == 0
                 saved = self.save(as_best=improved, as_step=regular)
                 if evaluated or saved is not None:
                     interval_start = time.perf_counter()  # evaluation and saving are not training speed
@@ -333,14 +333,14 @@ class Trainer:
 
     def record(self, row: dict[str, Any]) -> None:
         """One line of metrics.jsonl, and the same figures to the recipe's trackers (rank 0)."""
-        if self.ctx.main:
+        if self.place.main:
             self.metrics.append(row)
             self.trackers.log(row)
 
     def finish(self, reason: str, signum: int | None) -> TrainSummary:
-        self.ctx.barrier()
+        self.place.barrier()
         latest = self.run_dir.step_checkpoints()
-        if self.ctx.main:
+        if self.place.main:
             self.run_info.update({"final_step": self.step, "stopped": reason, "wall_time_s": round(self.elapsed(), 3),
                                   "finished": datetime.now(UTC).isoformat(timespec="seconds"),
                                   "best_val_loss": self.best_val if math.isfinite(self.best_val) else None})
@@ -349,7 +349,8 @@ class Trainer:
             self.say(f"interrupted at step {self.step}: saved {latest[-1] if latest else 'nothing'}; "
                      "continue with --resume")
             raise KeyboardInterrupt
-        return TrainSummary(rank=self.ctx.rank, step=self.step, stopped=reason, tokens=self.step * self.tokens_per_step,
+        return TrainSummary(rank=self.place.rank, step=self.step, stopped=reason,
+                            tokens=self.step * self.tokens_per_step,
                             val_loss=self.last_val,
                             best_val_loss=self.best_val if math.isfinite(self.best_val) else None,
                             checkpoint=str(latest[-1]) if latest else None)

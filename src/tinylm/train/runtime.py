@@ -20,7 +20,7 @@ from tinylm.recipe import TrainConfig
 
 
 @dataclass
-class Context:
+class Placement:
     """Where this process trains: its rank among `world` processes, its device and numeric format."""
     rank: int = 0
     local_rank: int = 0
@@ -43,47 +43,49 @@ class Context:
             dist.barrier()
 
 
-def setup_context(train: TrainConfig) -> Context:
+def setup_placement(train: TrainConfig) -> Placement:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if train.device == "cuda":
         resolve_device("cuda", "train.device")
     use_cuda = train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available())
-    ctx = Context(world=world, rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    place = Placement(world=world, rank=int(os.environ.get("RANK", "0")),
+                      local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     if use_cuda:
-        if ctx.local_rank >= torch.cuda.device_count():
+        if place.local_rank >= torch.cuda.device_count():
             raise TinylmError(f"{int(os.environ.get('LOCAL_WORLD_SIZE', world))} processes on this machine but "
                               f"{torch.cuda.device_count()} CUDA device(s): start one process per GPU, or set "
                               "train.device = \"cpu\"")
-        ctx.device = torch.device("cuda", ctx.local_rank)
-        torch.cuda.set_device(ctx.device)
+        place.device = torch.device("cuda", place.local_rank)
+        torch.cuda.set_device(place.device)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast on tensor cores
         torch.backends.cudnn.allow_tf32 = True
     else:
         # Share the cores among the processes on this machine.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        ctx.threads = max(1, cores // local_world)
-        torch.set_num_threads(ctx.threads)
+        place.threads = max(1, cores // local_world)
+        torch.set_num_threads(place.threads)
         keep_freed_memory()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                device_id=ctx.device if use_cuda else None)
-    ctx.dtype = train.dtype if train.dtype != "auto" else ("bfloat16" if use_cuda else "float32")
-    if ctx.dtype == "bfloat16" and use_cuda and not torch.cuda.is_bf16_supported():
+                                device_id=place.device if use_cuda else None)
+    place.dtype = train.dtype if train.dtype != "auto" else ("bfloat16" if use_cuda else "float32")
+    if place.dtype == "bfloat16" and use_cuda and not torch.cuda.is_bf16_supported():
         raise TinylmError("this GPU has no bfloat16 support: set train.dtype = \"float32\"")
-    return ctx
+    return place
 
 
-def accumulate_gradients(model, micro_batches, count: int, ctx: Context) -> torch.Tensor:
+def accumulate_gradients(model, micro_batches, count: int, place: Placement) -> torch.Tensor:
     """Forward and backward over `count` micro-batches, gradients summed as the mean over all of them; returns the
     mean loss (a detached scalar on the device)."""
-    loss_sum = torch.zeros((), device=ctx.device)
+    loss_sum = torch.zeros((), device=place.device)
     for k, (x, y) in enumerate(micro_batches):
-        if ctx.device.type == "cuda":
-            x, y = x.pin_memory().to(ctx.device, non_blocking=True), y.pin_memory().to(ctx.device, non_blocking=True)
-        if ctx.world > 1:  # gradients are averaged across ranks once, after the last micro-batch
+        if place.device.type == "cuda":
+            x = x.pin_memory().to(place.device, non_blocking=True)
+            y = y.pin_memory().to(place.device, non_blocking=True)
+        if place.world > 1:  # gradients are averaged across ranks once, after the last micro-batch
             model.require_backward_grad_sync = k == count - 1
-        with ctx.autocast():
+        with place.autocast():
             _, loss = model(x, y, return_logits=False)  # the loss without holding the logits
         (loss / count).backward()
         loss_sum += loss.detach().float()
@@ -97,10 +99,10 @@ def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_
     optimizer.zero_grad(set_to_none=True)
 
 
-def training_step(model, optimizer, micro_batches: list, grad_clip: float, ctx: Context | None = None) -> float:
+def training_step(model, optimizer, micro_batches: list, grad_clip: float, place: Placement | None = None) -> float:
     """One whole update on one process, as the trainer does it (for benchmarks); returns the mean loss."""
-    ctx = ctx or Context()
-    loss = accumulate_gradients(model, micro_batches, len(micro_batches), ctx)
+    place = place or Placement()
+    loss = accumulate_gradients(model, micro_batches, len(micro_batches), place)
     apply_update(model, optimizer, grad_clip)
     return float(loss)
 
