@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 
 def tiny_overrides(steps: int = 4, eval_every: int = 2, checkpoint_every: int = 2, warmup: int = 1,
                    eval_batches: int = 2, stories: int = 200, batch: int = 4, context: int = 32) -> list[str]:
@@ -15,3 +18,10 @@ def tiny_overrides(steps: int = 4, eval_every: int = 2, checkpoint_every: int = 
 def set_args(overrides: list[str]) -> list[str]:
     """["a.b=1", ...] as command-line words: ["--set", "a.b=1", ...]."""
     return [word for item in overrides for word in ("--set", item)]
+
+
+def copy_run(trained: Path, tmp_path: Path) -> Path:
+    """A copy of a module's trained run that one test may damage or change."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    return run

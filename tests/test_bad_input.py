@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import set_args, tiny_overrides
+from helpers import copy_run, set_args, tiny_overrides
 from tinylm import cli
 from tinylm.recipe import load_recipe, recipe_text
 from tinylm.train.loop import train
@@ -51,12 +51,6 @@ def files(tmp_path_factory):
     (d / "a_directory").mkdir()
     (d / "empty_dir").mkdir()
     return d
-
-
-def copy_run(trained: Path, tmp_path: Path) -> Path:
-    run = tmp_path / "run"
-    shutil.copytree(trained, run)
-    return run
 
 
 def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import set_args, tiny_overrides
+from helpers import copy_run, set_args, tiny_overrides
 from tinylm import cli
 from tinylm.models import build_model, count_parameters
 from tinylm.recipe import load_recipe, recipe_names
@@ -28,12 +28,6 @@ SETS = set_args(TINY)
 def trained(tmp_path_factory):
     run = tmp_path_factory.mktemp("trained") / "run"
     train(load_recipe("micromixer-100k", TINY), run, progress=False)
-    return run
-
-
-def copy_run(trained: Path, tmp_path: Path) -> Path:
-    run = tmp_path / "run"
-    shutil.copytree(trained, run)
     return run
 
 
