@@ -32,18 +32,21 @@ def check_prompts(model, prompts: list[list[int]]) -> None:
             raise TinylmError(f"prompt {row} has ids outside the model's vocabulary of {vocab}")
 
 
+def check_seed(seed: int | None) -> None:
+    if seed is not None and not -2**63 <= seed < 2**64:  # what torch's generator can hold
+        raise TinylmError(f"seed must be an integer in [-2**63, 2**64), got {seed}")
+
+
 def new_generator(device: torch.device, seed: int | None, row: int = 0) -> torch.Generator:
     """Row `row`'s generator: seeded from `seed + row` (wrapping within what torch's generator holds), or at
     random without a seed."""
-    if seed is not None and not -2**63 <= seed < 2**64:  # what torch's generator can hold
-        raise TinylmError(f"seed must be an integer in [-2**63, 2**64), got {seed}")
+    check_seed(seed)
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
     else:
         generator.manual_seed((seed + row + 2**63) % 2**64 - 2**63)
     return generator
-
 
 
 def end_id_set(eos_id: int | Sequence[int] | None) -> frozenset[int]:
@@ -61,7 +64,7 @@ def generate(model, prompts_ids: Sequence[Sequence[int]], sampling: Sampling = S
     prompts = [[int(i) for i in p] for p in prompts_ids]
     check_prompts(model, prompts)
     device = model.tok_embeddings.weight.device
-    new_generator(device, seed)  # refuses a seed out of range before any work
+    check_seed(seed)  # before any work
     if not prompts or sampling.max_new_tokens == 0:
         return [[] for _ in prompts]
     end_ids = end_id_set(eos_id)
