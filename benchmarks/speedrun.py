@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import queue
 import shutil
 import statistics
 import subprocess
@@ -81,27 +82,44 @@ def prepare(out: Path) -> tuple[Path, int]:
 
 def train_run(name: str, seed: int, steps: int, out: Path, prepared: Path,
               val_batches: int, extra: list[str], cpu: int | None = None) -> dict:
+    """One candidate's run, or its figures read back when a run with the same settings finished before (runs are
+    deterministic: an interrupted benchmark picks up where it stopped)."""
     run = out / f"{name}-seed{seed}"
+    sets = CANDIDATES[name] + [f"train.seed={seed}", f"train.max_steps={steps}", f"train.eval_interval={EVAL_EVERY}",
+                        f"train.eval_batches={val_batches}", f"train.checkpoint_interval={steps}",
+                        "train.max_minutes=0", *extra]
+    result = finished_result(run, name, seed, steps, sets)
+    if result is not None:
+        print(f"  {name} seed {seed}: {result['bpb']:.4f} bits per byte (finished before, read back)", flush=True)
+        return result
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     shutil.copy(prepared / "tokenizer.json", run / "tokenizer.json")
     shutil.copytree(prepared / "data", run / "data")
-    sets = CANDIDATES[name] + [f"train.seed={seed}", f"train.max_steps={steps}", f"train.eval_interval={EVAL_EVERY}",
-                        f"train.eval_batches={val_batches}", f"train.checkpoint_interval={steps}",
-                        "train.max_minutes=0", *extra]
+    (run / "speedrun-settings.json").write_text(json.dumps(sets))
     tinylm("train", RECIPE, *[w for s in sets for w in ("--set", s)], "--out", str(run), "--quiet",
            log=run / "train.log", cpu=cpu)
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    curve = {x["step"]: x["val_bpb"] for x in lines if "val_bpb" in x}
-    step_ms = [x["ms_per_step"] for x in lines if "ms_per_step" in x][1:]  # the first interval includes warm-up
-    info = json.loads((run / "run.json").read_text())
-    result = {"name": name, "seed": seed, "steps": steps, "tokens": steps * info["tokens_per_step"],
-              "wall_s": info["wall_time_s"], "ms_per_step": statistics.median(step_ms), "bpb": curve[steps],
-              "curve": curve}
+    result = finished_result(run, name, seed, steps, sets)
     print(f"  {name} seed {seed}: {result['bpb']:.4f} bits per byte, {result['ms_per_step']:.1f} ms/step",
           flush=True)
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
     return result
+
+
+def finished_result(run: Path, name: str, seed: int, steps: int, sets: list[str]) -> dict | None:
+    """The figures of a run that trained with these settings to its last evaluation, else None."""
+    settings = run / "speedrun-settings.json"
+    if not settings.exists() or json.loads(settings.read_text()) != sets or not (run / "run.json").exists():
+        return None
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    curve = {x["step"]: x["val_bpb"] for x in lines if "val_bpb" in x}
+    info = json.loads((run / "run.json").read_text())
+    if steps not in curve or "wall_time_s" not in info:  # stopped early, or still training
+        return None
+    step_ms = [x["ms_per_step"] for x in lines if "ms_per_step" in x][1:]  # the first interval includes warm-up
+    return {"name": name, "seed": seed, "steps": steps, "tokens": steps * info["tokens_per_step"],
+            "wall_s": info["wall_time_s"], "ms_per_step": statistics.median(step_ms), "bpb": curve[steps],
+            "curve": curve}
 
 
 def first_step_at_or_below(curve: dict[int, float], target: float) -> int | None:
@@ -120,7 +138,8 @@ def summarise(runs: list[dict], steps: int) -> dict:
             "steps_to_baseline_bpb_worse_seed": None if None in reached else max(reached),
             "ms_per_step_ratio": statistics.median(r["ms_per_step"] for r in mine) / base_ms}
     best = min((n for n in per_candidate if n != "baseline"), key=lambda n: per_candidate[n]["bpb_worse_seed"])
-    return {"recipe": RECIPE, "steps": steps, "seeds": list(SEEDS), "baseline_bpb": baseline_bpb, "best": best,
+    return {"recipe": RECIPE, "steps": steps, "seeds": sorted({r["seed"] for r in runs}), "baseline_bpb": baseline_bpb,
+            "best": best,
             "best_bpb_at_1200": per_candidate[best]["bpb_worse_seed"],
             "best_steps_to_baseline_bpb": per_candidate[best]["steps_to_baseline_bpb_worse_seed"],
             "ms_per_step_ratio": per_candidate[best]["ms_per_step_ratio"], "candidates": per_candidate,
@@ -171,6 +190,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/speedrun")
     parser.add_argument("--steps", type=int, default=1200, help="training steps per run (the token budget)")
     parser.add_argument("--only", nargs="*", default=list(CANDIDATES), help="candidates to run (baseline always)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
+                        help="seeds to run (a finished run with the same settings is read back, not retrained)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override for every run, e.g. train.device=cuda")
     parser.add_argument("--jobs", type=int, default=1,
@@ -189,11 +210,21 @@ def main() -> None:
         torch.set_num_threads(args.threads or torch.get_num_threads())
         return print_step_timing(names, args.step_timing, extra=args.set)
     prepared, val_batches = prepare(out)
-    order = [(name, seed) for seed in SEEDS for name in names]
-    cpus = sorted(os.sched_getaffinity(0))
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # several at once: one core each, round robin
-        runs = list(pool.map(lambda i: train_run(*order[i], args.steps, out, prepared, val_batches, args.set,
-                                                 cpus[i % len(cpus)] if args.jobs > 1 else None), range(len(order))))
+    order = [(name, seed) for seed in args.seeds for name in names]
+    free_cpus: queue.SimpleQueue = queue.SimpleQueue()  # several at once: each run takes a core no other run holds
+    for cpu in sorted(os.sched_getaffinity(0))[:args.jobs]:
+        free_cpus.put(cpu)
+
+    def on_a_free_core(name: str, seed: int) -> dict:
+        cpu = free_cpus.get()
+        try:
+            return train_run(name, seed, args.steps, out, prepared, val_batches, args.set,
+                             cpu if args.jobs > 1 else None)
+        finally:
+            free_cpus.put(cpu)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        runs = list(pool.map(lambda job: on_a_free_core(*job), order))
     summary = summarise(runs, args.steps)
     print_table(runs, summary)
     (out / "speedrun.json").write_text(json.dumps(summary, indent=1))

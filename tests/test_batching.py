@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from test_generate import VARIANTS, small_model
-from tinylm.infer.batch import ContinuousBatch, Row
+from tinylm.infer.batch import COMPACT_AFTER, ContinuousBatch, Row
 from tinylm.infer.engine import generate, new_generator
 from tinylm.recipe import Sampling
 
@@ -53,14 +53,17 @@ def test_rows_joining_a_running_batch_get_what_they_get_alone(name):
     batch = ContinuousBatch(model)
     rows = [_row(p, s, 40 + i) for i, (p, s) in enumerate(zip(prompts, settings, strict=True))]
     joins = {0: [0], 3: [1, 2], 5: [3], 9: [4]}  # step -> rows that join before it
-    sizes = []
+    sizes, slots = [], []
     for step in range(60):
         for i in joins.get(step, []):
             batch.submit([rows[i]])
         batch.step()
         sizes.append(batch.live())
+        slots.append(len(batch.slots))
     assert batch.idle()
     assert max(sizes) >= 3 and sizes[3] > sizes[2]  # rows really shared the batch, joining while others ran
+    shrunk = [step for step in range(1, 60) if slots[step] < slots[step - 1] and sizes[step] > 0]
+    assert shrunk and shrunk[0] >= 9 + COMPACT_AFTER  # free slots were dropped with rows still running, not at once
     assert [r.new for r in rows] == alone
     assert all(len(r.new) == s.max_new_tokens and r.finish_reason == "length"
                for r, s in zip(rows, settings, strict=True))

@@ -14,6 +14,7 @@ from tinylm.data.corpus import Corpus
 from tinylm.data.tokenizer import load_tokenizer, tokenizer_stats
 from tinylm.data.tokenizer_training import build_tokenizer
 from tinylm.errors import TinylmError
+from tinylm.infer.text import TextStream
 from tinylm.recipe import TokenizerConfig, load_recipe
 
 SAMPLE = Path("../shared/data/tinystories/TinyStories-train-sample-2995stories.txt.gz")
@@ -227,3 +228,34 @@ def test_foreign_tokenizer_json_roles_are_inferred(toks, tmp_path):
     loaded = load_tokenizer(tmp_path / "t.json")
     assert (loaded.kind, loaded.bos_id, loaded.eos_id, loaded.sink_id) == ("bpe", 0, 1, 3)
     assert loaded.encode("Once upon") == toks["aurelius"][1].encode("Once upon")
+
+
+@FAST
+@given(data=st.data())
+def test_streamed_text_is_the_whole_text(toks, data):
+    """Incremental decoding (infer/text.py) shows, piece by piece, exactly the text of all the ids, for every kind,
+    whatever ids come (parts of UTF-8 characters and specials included)."""
+    for name in KINDS:
+        ours = toks[name][1]
+        ids = data.draw(st.lists(st.integers(0, ours.vocab_size - 1), max_size=40), label=name)
+        stream, shown = TextStream(ours), ""
+        for n in range(1, len(ids) + 1):
+            shown += stream.update(ids[:n])[0]
+            assert ours.decode(ids[:n]).startswith(shown), name
+        whole, rest = stream.finish(ids)
+        assert shown + rest == whole == ours.decode(ids), name
+
+
+def test_streamed_text_keeps_the_spaces_of_a_metaspace_decoder(tmp_path):
+    """A SentencePiece-style decoder drops the space that starts a text: each new piece is decoded after the ids
+    before it, so the space between words is not lost."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    foreign = Tokenizer(models.WordLevel({"▁Once": 0, "▁upon": 1, "▁a": 2, "▁time": 3, "<unk>": 4}, unk_token="<unk>"))
+    foreign.pre_tokenizer, foreign.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    foreign.save(str(tmp_path / "tokenizer.json"))
+    ours = load_tokenizer(tmp_path / "tokenizer.json")
+    ids = ours.encode("Once upon a time")
+    stream = TextStream(ours)
+    pieces = [stream.update(ids[:n])[0] for n in range(1, len(ids) + 1)]
+    assert pieces == ["Once", " upon", " a", " time"]

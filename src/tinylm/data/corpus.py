@@ -9,6 +9,7 @@ order, and a story is never on both sides (exact duplicates are dropped first).
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import heapq
@@ -198,8 +199,15 @@ def seeded_sample(stories: Iterator[str], n: int, seed: int) -> list[str]:
 # ---------------------------------------------------------------- the split
 
 def is_validation(story: str, val_fraction: float, seed: int) -> bool:
-    digest = hashlib.blake2b(f"{seed}\0{story}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < val_fraction * 2.0**64
+    """Whether the story belongs to the validation split: blake2b-64 of "seed NUL story" below the fraction."""
+    hasher = _split_hasher(seed).copy()
+    hasher.update(story.encode())
+    return int.from_bytes(hasher.digest(), "big") < val_fraction * 2.0**64
+
+
+@functools.lru_cache(maxsize=8)
+def _split_hasher(seed: int):
+    return hashlib.blake2b(f"{seed}\0".encode(), digest_size=8)
 
 
 def split_stories(stories: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:

@@ -231,7 +231,8 @@ class StoryFile:
 def _replace_undecodable(text: str) -> tuple[str, int]:
     """Undecodable bytes (surrogate escapes) -> U+FFFD, and how many; encoding first skips the scan for clean text."""
     try:
-        text.encode("utf-8")
+        if not text.isascii():  # ASCII text holds no surrogate escapes: no copy to check it
+            text.encode("utf-8")
         return text, 0
     except UnicodeEncodeError:
         return _UNDECODABLE.subn("\ufffd", text)
@@ -247,6 +248,10 @@ def _unix_newlines(chunks: Iterator[str]) -> Iterator[str]:
     held = ""
     for text in chunks:
         text = held + text
+        if "\r" not in text:  # the common case: nothing to replace, no copies
+            held = ""
+            yield text
+            continue
         held = "\r" if text.endswith("\r") else ""
         yield text[:-1].replace("\r\n", "\n").replace("\r", "\n") if held else \
             text.replace("\r\n", "\n").replace("\r", "\n")

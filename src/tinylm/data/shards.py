@@ -5,6 +5,7 @@ tokenizer and corpus are unchanged), and batches for training and evaluation. Re
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from collections import deque
@@ -44,23 +45,21 @@ def block_prefix(tokenizer: Tokenizer, framing: str) -> list[int]:
     return frame_prefix(tokenizer, framing) if framing == "sink_bos" else []
 
 
-def _frame(ids_list: list[list[int]], tokenizer: Tokenizer, framing: str, separator: list[int], first: bool):
-    """One flat token stream: bos -> <s> story; eos -> story </s>; sink_bos -> story </s> (each block gets
-    <sink> <s> in front, as the pair template `<sink> <s> $A </s> $B`); none -> stories joined by "\\n\\n"."""
-    out: list[int] = []
+def _frame(ids_list: list[list[int]], tokenizer: Tokenizer, framing: str, separator: list[int],
+           first: bool) -> np.ndarray:
+    """One flat token stream (int64): bos -> <s> story; eos -> story </s>; sink_bos -> story </s> (each block gets
+    <sink> <s> in front, as the pair template `<sink> <s> $A </s> $B`); none -> stories joined by "\\n\\n".
+    The pieces are gathered as references and copied once by np.fromiter, never into a flat list of every id."""
+    pieces: list[list[int]] = []
     for ids in ids_list:
         if framing == "bos":
-            out.append(tokenizer.bos_id)
-            out += ids
+            pieces += ([tokenizer.bos_id], ids)
         elif framing in ("eos", "sink_bos"):
-            out += ids
-            out.append(tokenizer.eos_id)
+            pieces += (ids, [tokenizer.eos_id])
         else:
-            if not first:
-                out += separator
-            out += ids
+            pieces += ([] if first else separator, ids)
         first = False
-    return out
+    return np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=sum(map(len, pieces)))
 
 
 def corpus_fingerprint(config: DataConfig, files: list[Path]) -> str:
@@ -179,8 +178,7 @@ class _SplitWriter:
         return chunk, self.n_stories == len(chunk)
 
     def encode(self, stories: list[str], first: bool) -> np.ndarray:
-        stream = _frame(self.tokenizer.encode_batch(stories), self.tokenizer, self.framing, self.separator, first)
-        array = np.array(stream, dtype=np.int64)
+        array = _frame(self.tokenizer.encode_batch(stories), self.tokenizer, self.framing, self.separator, first)
         if array.size and (array.min() < 0 or array.max() >= self.tokenizer.vocab_size):
             raise AssertionError("token id outside the vocabulary")
         return array.astype(self.dtype)

@@ -23,6 +23,7 @@ from tinylm.recipe import Sampling
 # (chosen token's log-probability, [(id, log-probability)] of the most likely tokens), from the model's distribution
 TokenLogprobs = tuple[float, list[tuple[int, float]]]
 SMALL_BATCH = 4  # up to this many rows, a CPU step runs on one thread
+COMPACT_AFTER = 8  # steps without a new row before free slots are dropped (rows that come and go reuse them)
 
 
 @dataclass(eq=False)
@@ -69,6 +70,7 @@ class ContinuousBatch:
         self.pending: deque[list[Row]] = deque()
         self.lock = threading.Lock()
         self.threads = torch.get_num_threads()
+        self.steps_since_admit = 0
 
     def submit(self, rows: list[Row]) -> None:
         """Queue rows that share one prompt (prefilled once); they join at the next step with room."""
@@ -138,6 +140,7 @@ class ContinuousBatch:
         self.logits, self.seen = self.logits[:0], self.seen[:0]
 
     def _admit(self) -> None:
+        self.steps_since_admit += 1
         free = [slot for slot, row in enumerate(self.slots) if row is None]
         admitted: list[list[Row]] = []
         with self.lock:
@@ -152,6 +155,8 @@ class ContinuousBatch:
                     continue
                 admitted.append(group)
                 room = None if room is None else room - len(group)
+        if admitted:
+            self.steps_since_admit = 0
         by_length: dict[int, list[list[Row]]] = {}
         for group in admitted:
             by_length.setdefault(len(group[0].prompt), []).append(group)
@@ -219,10 +224,11 @@ class ContinuousBatch:
             row.on_finish(row)
 
     def _compact(self) -> torch.Tensor | None:
-        """Drop free slots once they are a quarter of the batch and no row waits to take one; returns the slots
-        kept, or None."""
+        """Drop free slots once they are a quarter of the batch, no row waits to take one and none has joined for
+        COMPACT_AFTER steps (copying the cache costs more than a few steps of idle slots); returns the slots kept, or
+        None."""
         free = len(self.slots) - self.live()
-        if free == 0 or 4 * free < len(self.slots) or self.pending:
+        if free == 0 or 4 * free < len(self.slots) or self.pending or self.steps_since_admit < COMPACT_AFTER:
             return None
         keep = [slot for slot, row in enumerate(self.slots) if row is not None]
         index = torch.tensor(keep, dtype=torch.long, device=self.device)

@@ -113,8 +113,9 @@ class CompletionRun:
     def usage(self) -> dict:
         return usage(sum(len(i) for i in self.request.prompt_ids), sum(len(c.row.new) for c in self.choices))
 
-    async def events(self, poll: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[tuple]:
-        """Each event until every choice has finished; `poll()` -> True (the client left) ends it early."""
+    async def batches(self, poll: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[list[tuple]]:
+        """The events as they come, each batch holding all that had arrived (a stream behind its model catches up in
+        one write), until every choice has finished; `poll()` -> True (the client left) ends it early."""
         left = len(self.choices)
         while left:
             try:
@@ -123,15 +124,27 @@ class CompletionRun:
                 if await poll():
                     return
                 continue
-            if event[0] == "finish":
-                left -= 1
-                self.error = self.error or event[4]
-            yield event
+            batch = [event]
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            for event in batch:
+                if event[0] == "finish":
+                    left -= 1
+                    self.error = self.error or event[4]
+            yield batch
 
     def _chunk(self, choice: Choice, text: str, logprobs: dict | None, finish: str | None) -> str:
         piece = {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         body = completion_body(self.request, [piece], None)
         return f"data: {json.dumps(body)}\n\n"
+
+    def _event_chunk(self, kind: str, choice: Choice, text: str, *rest) -> str:
+        if kind == "token":
+            return self._chunk(choice, text, choice.logprobs_piece(rest[0], rest[1]), None)
+        if rest[1] is not None:  # the step failed
+            error = {"message": rest[1], "type": "server_error", "param": None, "code": None}
+            return f"data: {json.dumps({'error': error})}\n\n"
+        return self._chunk(choice, text, None, _finish_reason(rest[0]))
 
     async def sse(self) -> AsyncIterator[str]:
         """Server-sent events: a chunk per token (its text may be empty while a stop string is possible), a last
@@ -140,14 +153,8 @@ class CompletionRun:
             if self.request.echo:
                 for choice in self.choices:
                     yield self._chunk(choice, self.request.prompts[choice.prompt], None, None)
-            async for kind, choice, text, *rest in self.events():
-                if kind == "token":
-                    yield self._chunk(choice, text, choice.logprobs_piece(rest[0], rest[1]), None)
-                elif rest[1] is not None:  # the step failed
-                    error = {"message": rest[1], "type": "server_error", "param": None, "code": None}
-                    yield f"data: {json.dumps({'error': error})}\n\n"
-                else:
-                    yield self._chunk(choice, text, None, _finish_reason(rest[0]))
+            async for batch in self.batches():
+                yield "".join(self._event_chunk(*event) for event in batch)
             if self.request.include_usage:
                 yield f"data: {json.dumps(completion_body(self.request, [], self.usage()))}\n\n"
             yield "data: [DONE]\n\n"
@@ -159,12 +166,13 @@ class CompletionRun:
         texts = {c.index: [] for c in self.choices}
         reasons = {}
         try:
-            async for kind, choice, text, *rest in self.events(poll=disconnected):
-                texts[choice.index].append(text)
-                if kind == "token":
-                    choice.logprobs_piece(rest[0], rest[1])
-                else:
-                    reasons[choice.index] = _finish_reason(rest[0])
+            async for batch in self.batches(poll=disconnected):
+                for kind, choice, text, *rest in batch:
+                    texts[choice.index].append(text)
+                    if kind == "token":
+                        choice.logprobs_piece(rest[0], rest[1])
+                    else:
+                        reasons[choice.index] = _finish_reason(rest[0])
         finally:
             self.cancel()
         return completion_body(self.request, [self._choice_body(c, "".join(texts[c.index]), reasons.get(c.index))

@@ -52,15 +52,8 @@ def create_app(models: list[ServedModel], api_key: str | None = None, limits: Li
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
-    @app.middleware("http")
-    async def authorise(request: Request, call_next):
-        if api_key is not None and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                error = ApiError(401, "Incorrect API key provided: pass it as 'Authorization: Bearer KEY'",
-                                 code="invalid_api_key")
-                return JSONResponse(error.body(), status_code=401)
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(BearerKey, key=api_key)
 
     @app.get("/health")
     async def health() -> dict:
@@ -116,6 +109,24 @@ def _add_page(app: FastAPI) -> None:
     async def unknown(path: str) -> Response:
         raise ApiError(404, f"no route /{path:.100}: this server answers /v1/models, /v1/completions, /health and /",
                        code="not_found")
+
+
+class BearerKey:
+    """Every request but the page and the health check needs `Authorization: Bearer KEY`. Plain ASGI: Starlette's
+    BaseHTTPMiddleware would pass each streamed chunk through one more task and queue."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                error = ApiError(401, "Incorrect API key provided: pass it as 'Authorization: Bearer KEY'",
+                                 code="invalid_api_key")
+                await JSONResponse(error.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def cancel_all(app: FastAPI) -> None:

@@ -117,9 +117,9 @@ class KVCache(_RowPositions):
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (finished rows leave the batch), in this order, at the front of the storage."""
-        kept = len(rows)
-        self._keys[:, :kept] = self.keys.index_select(1, rows)
-        self._values[:, :kept] = self.values.index_select(1, rows)
+        kept, end = len(rows), max(self.lengths, default=0)  # positions past every row's length hold nothing
+        self._keys[:, :kept, ..., :end] = self.keys[..., :end].index_select(1, rows)
+        self._values[:, :kept, :, :end] = self.values[:, :, :, :end].index_select(1, rows)
         self._keep(rows)
 
 
