@@ -8,7 +8,7 @@ import torch
 
 from test_generate import VARIANTS, small_model
 from tinylm.infer.batch import COMPACT_AFTER, ContinuousBatch, Row
-from tinylm.infer.engine import generate, new_generator
+from tinylm.infer.engine import generate
 from tinylm.recipe import Sampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,7 +39,7 @@ def test_rows_at_different_positions_equal_full_forward(name, fast):
 
 
 def _row(prompt, sampling, seed):
-    return Row(prompt, sampling, new_generator(torch.device("cpu"), seed), budget=sampling.max_new_tokens)
+    return Row(prompt, sampling, seed, 0, budget=sampling.max_new_tokens)
 
 
 @pytest.mark.parametrize("name", ["tied-gqa", "mixer"])

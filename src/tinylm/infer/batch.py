@@ -5,7 +5,8 @@ prefilled on its own, same-length prompts together, into a cache of its own and 
 grows when none is free); each row keeps its own position, so the decode step (the model's `decode_step`) takes rows
 at different positions. A row that ends frees its slot at once (a later row reuses it); the batch is compacted once a
 quarter of its slots are free and nothing waits. Every row draws from its own generator with its own settings, so
-what a row generates does not depend on what shares its batch. `BatchWorker` runs the steps on one thread.
+what a row generates does not depend on what shares its batch. The server runs one in a process of its own
+(infer/worker.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tinylm.infer.sampling import pick
+from tinylm.infer.sampling import new_generator, pick
 from tinylm.recipe import Sampling
 
 # (chosen token's log-probability, [(id, log-probability)] of the most likely tokens), from the model's distribution
@@ -31,11 +32,13 @@ class Row:
     """One sequence to generate. `budget` counts new tokens (the caller fits it into the context); an id in
     `end_ids` or `stop(new ids) -> True` ends it ("stop"), the budget ("length"), `cancel()` ("cancelled").
     `stop`, then `on_token(row, id, logprobs)`, are called for each new id, and `on_finish(row)` once, all on the
-    batch's thread."""
+    batch's thread. The row draws from its own generator, seeded from `seed + seed_row` (sampling.new_generator)
+    when it joins a batch."""
 
     prompt: list[int]
     sampling: Sampling
-    generator: torch.Generator
+    seed: int | None
+    seed_row: int
     budget: int
     end_ids: frozenset[int] = frozenset()
     stop: Callable[[list[int]], bool] | None = None
@@ -46,6 +49,7 @@ class Row:
     finish_reason: str | None = None
     error: str | None = None
     cancelled: bool = False
+    generator: torch.Generator | None = field(default=None, repr=False)
 
     def cancel(self) -> None:
         """Leave the batch at the next step (safe from any thread)."""
@@ -171,6 +175,7 @@ class ContinuousBatch:
                 self.seen[slots] = False
                 self.seen[torch.tensor(slots, device=self.device)[:, None], ids[index]] = True
                 for slot, row in zip(slots, group, strict=True):
+                    row.generator = new_generator(self.device, row.seed, row.seed_row)
                     self.slots[slot] = row
 
     def _take_slots(self, free: list[int], count: int) -> list[int]:
@@ -236,37 +241,3 @@ class ContinuousBatch:
         self.slots = [self.slots[slot] for slot in keep]
         self.logits, self.seen = self.logits[index], self.seen[index]
         return index
-
-
-class BatchWorker:
-    """Runs a ContinuousBatch's steps on one thread: the caller's thread (an event loop) never waits on the model."""
-
-    def __init__(self, batch: ContinuousBatch, name: str = "tinylm-batch"):
-        self.batch = batch
-        self.wakeup = threading.Condition()
-        self.stopping = False
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.thread.start()
-
-    def submit(self, rows: list[Row]) -> None:
-        self.batch.submit(rows)
-        with self.wakeup:
-            self.wakeup.notify()
-
-    def stop(self, timeout: float | None = None) -> None:
-        with self.wakeup:
-            self.stopping = True
-            self.wakeup.notify()
-        self.thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            with self.wakeup:
-                while self.batch.idle() and not self.stopping:
-                    self.wakeup.wait()
-                if self.stopping:
-                    return
-            try:
-                self.batch.step()
-            except Exception as exc:  # a failed step ends its rows with the error; the worker goes on
-                self.batch.fail_all(f"{type(exc).__name__}: {exc}")

@@ -9,7 +9,6 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from tinylm.infer.batch import Row, TokenLogprobs
-from tinylm.infer.engine import new_generator
 from tinylm.infer.openai_api import CompletionRequest, completion_body, logprobs_body, usage
 from tinylm.infer.text import TextStream
 
@@ -23,8 +22,7 @@ class Choice:
         self.tokenizer = served.tokenizer
         self.text = TextStream(served.tokenizer, request.stop)
         self.released = ""
-        device = served.model.tok_embeddings.weight.device
-        self.row = Row(ids, request.sampling, new_generator(device, request.seed, index),
+        self.row = Row(ids, request.sampling, request.seed, index,
                        budget=min(request.sampling.max_new_tokens, served.model.max_positions - len(ids)),
                        end_ids=frozenset(served.story_end_ids), stop=self._stop, on_token=self._token,
                        on_finish=self._finish, top_logprobs=request.logprobs)
@@ -32,7 +30,7 @@ class Choice:
         self.token_logprobs: list[float] = []
         self.top_logprobs: list[dict] = []
 
-    # on the batch's thread
+    # on the thread that receives the batch's tokens
     def _stop(self, ids: list[int]) -> bool:
         self.released, stopped = self.text.update(ids)
         return stopped

@@ -13,6 +13,7 @@ import torch
 
 from tinylm.errors import TinylmError
 from tinylm.infer.batch import SMALL_BATCH, ContinuousBatch, Row
+from tinylm.infer.sampling import check_seed
 from tinylm.infer.text import TextStream
 from tinylm.recipe import Sampling
 
@@ -30,23 +31,6 @@ def check_prompts(model, prompts: list[list[int]]) -> None:
                               f"prompt may have at most {context - 1}")
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise TinylmError(f"prompt {row} has ids outside the model's vocabulary of {vocab}")
-
-
-def check_seed(seed: int | None) -> None:
-    if seed is not None and not -2**63 <= seed < 2**64:  # what torch's generator can hold
-        raise TinylmError(f"seed must be an integer in [-2**63, 2**64), got {seed}")
-
-
-def new_generator(device: torch.device, seed: int | None, row: int = 0) -> torch.Generator:
-    """Row `row`'s generator: seeded from `seed + row` (wrapping within what torch's generator holds), or at
-    random without a seed."""
-    check_seed(seed)
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed((seed + row + 2**63) % 2**64 - 2**63)
-    return generator
 
 
 def end_id_set(eos_id: int | Sequence[int] | None) -> frozenset[int]:
@@ -70,7 +54,7 @@ def generate(model, prompts_ids: Sequence[Sequence[int]], sampling: Sampling = S
     end_ids = end_id_set(eos_id)
     rows = []
     for i, prompt in enumerate(prompts):
-        rows.append(Row(prompt, sampling, new_generator(device, seed, i),
+        rows.append(Row(prompt, sampling, seed, i,
                         budget=min(sampling.max_new_tokens, model.max_positions - len(prompt)), end_ids=end_ids,
                         stop=None if stop is None else lambda ids, i=i: stop(i, ids),
                         on_token=None if stream is None else lambda row, token, _, i=i: stream(i, token)))

@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from tinylm.errors import TinylmError
 from tinylm.recipe import Sampling
 
 
@@ -96,3 +97,20 @@ def sample_from(weights: torch.Tensor, generator: torch.Generator | list[torch.G
     else:
         u = torch.rand((weights.shape[0], 1), generator=generator, device=weights.device, dtype=cdf.dtype)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=weights.shape[-1] - 1).squeeze(-1)
+
+
+def check_seed(seed: int | None) -> None:
+    if seed is not None and not -2**63 <= seed < 2**64:  # what torch's generator can hold
+        raise TinylmError(f"seed must be an integer in [-2**63, 2**64), got {seed}")
+
+
+def new_generator(device: torch.device, seed: int | None, row: int = 0) -> torch.Generator:
+    """Row `row`'s generator: seeded from `seed + row` (wrapping within what torch's generator holds), or at
+    random without a seed."""
+    check_seed(seed)
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed((seed + row + 2**63) % 2**64 - 2**63)
+    return generator

@@ -1,10 +1,10 @@
 """`tinylm serve`: an OpenAI-compatible completions server (FastAPI on uvicorn, server-sent events for streams) and
 the playground page, over one continuous batch per model.
 
-Each model's forward passes run on its own worker thread (infer/batch.py: BatchWorker); the event loop only parses,
-queues and forwards events, so it never waits on a model. Requests are bounded (body size, prompt, n, max_tokens by
-the context, the queue: 429 with Retry-After when full); a client that leaves mid-stream cancels its rows, which free
-their slots at the next step.
+Each model's continuous batch runs in a process of its own (infer/worker.py: BatchProcess); the event loop only
+parses, queues and forwards events, so it never waits on a model, nor holds one up. Requests are bounded (body size,
+prompt, n, max_tokens by the context, the queue: 429 with Retry-After when full); a client that leaves mid-stream
+cancels its rows, which free their slots within a step or two.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from tinylm.infer.batch import BatchWorker, ContinuousBatch
 from tinylm.infer.completions import CompletionRun, Mailbox
 from tinylm.infer.openai_api import ApiError, Limits, ServedModel, parse_completion
+from tinylm.infer.worker import BatchProcess
 
 OPEN_PATHS = {"/", "/health", "/playground.html"}  # the page and the health check need no key
 
@@ -31,14 +31,13 @@ def create_app(models: list[ServedModel], api_key: str | None = None, limits: Li
     by_name = {m.name: m for m in models}
     if len(by_name) != len(models):
         raise ValueError("two models have the same name")
-    workers: dict[str, BatchWorker] = {}
+    workers: dict[str, BatchProcess] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         for served in models:
-            served.model.eval()
-            batch = ContinuousBatch(served.model, fast, max_rows=limits.max_batch)
-            workers[served.name] = BatchWorker(batch, name=f"tinylm-{served.name}")
+            workers[served.name] = BatchProcess(served.model, fast, max_rows=limits.max_batch,
+                                                name=f"tinylm-{served.name}")
         yield
         cancel_all(app)
         for worker in workers.values():
@@ -58,14 +57,14 @@ def create_app(models: list[ServedModel], api_key: str | None = None, limits: Li
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "models": list(by_name), "auth": api_key is not None,
-                "busy": {name: w.batch.live() for name, w in workers.items()}}
+                "busy": {name: w.live() for name, w in workers.items()}}
 
     _add_api(app, models, workers, limits)
     _add_page(app)
     return app
 
 
-def _add_api(app: FastAPI, models: list[ServedModel], workers: dict[str, BatchWorker], limits: Limits) -> None:
+def _add_api(app: FastAPI, models: list[ServedModel], workers: dict[str, BatchProcess], limits: Limits) -> None:
     by_name = {m.name: m for m in models}
 
     @app.get("/v1/models")
@@ -82,7 +81,7 @@ def _add_api(app: FastAPI, models: list[ServedModel], workers: dict[str, BatchWo
         body = await _read_json(request, limits.max_body_bytes)
         completion = parse_completion(body, by_name, limits)
         worker = workers[completion.model.name]
-        if worker.batch.waiting() + completion.rows > limits.max_queue:
+        if worker.waiting() + completion.rows > limits.max_queue:
             raise ApiError(429, f"model {completion.model.name} has {limits.max_queue} rows waiting: retry shortly",
                            code="queue_full", headers={"Retry-After": "1"})
         if app.state.mailbox is None:
@@ -132,9 +131,7 @@ class BearerKey:
 def cancel_all(app: FastAPI) -> None:
     """Cancel every row in flight or waiting: each stream ends with a last chunk and [DONE] (a clean shutdown)."""
     for worker in app.state.workers.values():
-        with worker.batch.lock:
-            waiting = [row for group in worker.batch.pending for row in group]
-        for row in waiting + [row for row in list(worker.batch.slots) if row is not None]:
+        for row in worker.in_flight():
             row.cancel()
 
 
