@@ -3,12 +3,15 @@ architecture and both decode paths), rows joining and leaving a running batch, c
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from test_generate import VARIANTS, small_model
 from tinylm.infer.batch import COMPACT_AFTER, ContinuousBatch, Row
 from tinylm.infer.engine import generate
+from tinylm.infer.worker import BatchProcess
 from tinylm.recipe import Sampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,3 +91,55 @@ def test_a_group_shares_one_prefill_and_a_cancelled_row_leaves_at_once():
         batch.step()
     assert waiting.new == generate(model, [[1]], sampling, seed=9)[0]
     assert group[0].new == generate(model, [[7, 8, 9]], sampling, seed=1)[0]
+
+
+def _wait(condition, seconds: float = 60.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_the_servers_batch_process_gives_what_generate_gives_and_drops_a_stopped_row():
+    model = small_model("tied-gqa", scale=1.0)
+    sampling = Sampling(max_new_tokens=200, temperature=1.0)
+    worker = BatchProcess(model)
+    try:
+        streamed = []
+        stopped = Row([1, 2, 3], sampling, 5, 0, budget=200, stop=lambda ids: len(ids) == 3)
+        full = Row([4], sampling, 6, 1, budget=20, on_token=lambda row, token, _: streamed.append(token))
+        worker.submit([stopped])
+        worker.submit([full])
+        assert _wait(lambda: full.finish_reason is not None and stopped.finish_reason is not None)
+        assert _wait(lambda: worker.live() == 0)
+        assert stopped.finish_reason == "stop" and stopped.new == generate(model, [[1, 2, 3]], sampling, seed=5)[0][:3]
+        assert full.finish_reason == "length" and streamed == full.new == _alone(model, [4], sampling, 6, 1, 20)
+        assert worker.dropped <= 2  # the child let the stopped row go at once, not after its 200 tokens
+    finally:
+        worker.stop(10)
+
+
+def _alone(model, prompt, sampling, seed, seed_row, budget):
+    batch = ContinuousBatch(model)
+    row = Row(prompt, sampling, seed, seed_row, budget=budget)
+    batch.submit([row])
+    while not batch.idle():
+        batch.step()
+    return row.new
+
+
+def test_rows_of_a_batch_process_that_dies_end_with_an_error():
+    model = small_model("tied-gqa", scale=1.0)
+    worker = BatchProcess(model)
+    try:
+        row = Row([1], Sampling(max_new_tokens=100_000, temperature=1.0), 1, 0, budget=100_000)
+        worker.submit([row])
+        assert _wait(lambda: worker.live() == 1)
+        worker.process.kill()
+        assert _wait(lambda: row.finish_reason is not None)
+        assert row.finish_reason == "error" and "process has ended" in row.error
+        late = Row([1], Sampling(max_new_tokens=3), 1, 0, budget=3)
+        worker.submit([late])
+        assert late.finish_reason == "error"  # refused at once, not left waiting
+    finally:
+        worker.stop(10)

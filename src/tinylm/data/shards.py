@@ -168,7 +168,8 @@ class _SplitWriter:
         """Take a story (None: the end); a full chunk comes back to be encoded, with whether it starts the split."""
         if story is not None:
             self.pending.append(story)
-            self.n_bytes += len(story.encode("utf-8")) + (2 if self.framing == "none" and self.n_stories else 0)
+            size = len(story) if story.isascii() else len(story.encode("utf-8"))  # ASCII: a byte per character
+            self.n_bytes += size + (2 if self.framing == "none" and self.n_stories else 0)
             self.n_stories += 1  # the "\n\n" between stories (framing none) is predicted text too
             if len(self.pending) < ENCODE_CHUNK:
                 return None

@@ -4,9 +4,9 @@ A `ContinuousBatch` owns one cache whose rows are slots. A new group of rows (on
 prefilled on its own, same-length prompts together, into a cache of its own and copied into free slots (the cache
 grows when none is free); each row keeps its own position, so the decode step (the model's `decode_step`) takes rows
 at different positions. A row that ends frees its slot at once (a later row reuses it); the batch is compacted once a
-quarter of its slots are free and nothing waits. Every row draws from its own generator with its own settings, so
-what a row generates does not depend on what shares its batch. The server runs one in a process of its own
-(infer/worker.py).
+quarter of its slots are free, nothing waits and no row has joined for a few steps. Every row draws from its own
+generator with its own settings, so what a row generates does not depend on what shares its batch. The server runs
+one in a process of its own (infer/worker.py).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ class Row:
     """One sequence to generate. `budget` counts new tokens (the caller fits it into the context); an id in
     `end_ids` or `stop(new ids) -> True` ends it ("stop"), the budget ("length"), `cancel()` ("cancelled").
     `stop`, then `on_token(row, id, logprobs)`, are called for each new id, and `on_finish(row)` once, all on the
-    batch's thread. The row draws from its own generator, seeded from `seed + seed_row` (sampling.new_generator)
-    when it joins a batch."""
+    batch's thread (for the server's batch, on the thread that receives its tokens: infer/worker.py). The row draws
+    from its own generator, seeded from `seed + seed_row` (sampling.new_generator) when it joins a batch."""
 
     prompt: list[int]
     sampling: Sampling

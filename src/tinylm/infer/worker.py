@@ -38,6 +38,8 @@ class BatchProcess:
         child_end.close()
         self.rows: dict[int, Row] = {}  # in flight: sent to the child, not yet ended
         self.started: set[int] = set()  # keys of rows the child has taken into its batch
+        self.child_live = 0  # rows in the child's batch after its last step
+        self.dropped = 0  # tokens the child drew for rows that had already stopped here
         self.keys = itertools.count()
         self.lock = threading.Lock()  # the row tables (the reader thread and the event loop both use them)
         self.sending = threading.Lock()
@@ -56,9 +58,8 @@ class BatchProcess:
         self._send(("submit", [(key, _bare(row)) for key, row in keyed]))
 
     def live(self) -> int:
-        """Rows in the child's batch."""
-        with self.lock:
-            return len(self.started)
+        """Rows in the child's batch (as of its last step)."""
+        return self.child_live
 
     def waiting(self) -> int:
         """Rows sent that have not joined the batch yet."""
@@ -87,14 +88,13 @@ class BatchProcess:
         """Apply the child's messages to the rows until the child is gone; then end what is left with an error."""
         while True:
             try:
-                tokens, finished = self.connection.recv()
+                tokens, finished, self.child_live = self.connection.recv()
             except (EOFError, OSError):
                 break
-            for key, token, logprobs in tokens:
-                self._token(key, token, logprobs)
+            stopped = [key for key, token, logprobs in tokens if self._token(key, token, logprobs)]
             for key, reason, error in finished:
                 self._finish(key, reason, error)
-            cancelled = [key for key, row in list(self.rows.items()) if row.cancelled]
+            cancelled = stopped + [key for key, row in list(self.rows.items()) if row.cancelled]
             if cancelled:
                 try:
                     self._send(("cancel", cancelled))
@@ -104,13 +104,16 @@ class BatchProcess:
             self.ended = "the model's process has ended"
             left, self.rows = list(self.rows.values()), {}
             self.started.clear()
+            self.child_live = 0
         for row in left:
             _end(row, "error", self.ended)
 
-    def _token(self, key: int, token: int, logprobs) -> None:
+    def _token(self, key: int, token: int, logprobs) -> bool:
+        """Apply one new token; True when a stop string ended its row here (the child is to drop the row)."""
         row = self.rows.get(key)
         if row is None:  # ended here already (a stop string): the child's later tokens are dropped
-            return
+            self.dropped += 1
+            return False
         with self.lock:
             self.started.add(key)
         row.new.append(token)
@@ -118,8 +121,8 @@ class BatchProcess:
         if row.on_token is not None:
             row.on_token(row, token, logprobs)
         if stopped:
-            row.cancel()  # the child frees its slot when the cancel arrives
             self._finish(key, "stop", None)
+        return stopped
 
     def _finish(self, key: int, reason: str, error: str | None) -> None:
         with self.lock:
@@ -183,6 +186,6 @@ def _run_batch(connection, model, fast: bool, max_rows: int | None, threads: int
         except Exception as exc:  # a failed step ends its rows with the error; the batch goes on
             batch.fail_all(f"{type(exc).__name__}: {exc}")
         if tokens or finished:
-            connection.send((tokens[:], finished[:]))
+            connection.send((tokens[:], finished[:], batch.live()))
             tokens.clear()
             finished.clear()
