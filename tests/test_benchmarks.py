@@ -52,3 +52,11 @@ def test_speedrun_step_timing_reports_each_candidate_against_the_baseline():
     timing = result["step_timing"]
     assert set(timing) == {"baseline", "muon"} and timing["baseline"]["ratio"] == 1.0
     assert timing["muon"]["ms_per_step"] > 0 and timing["muon"]["ratio"] > 0
+
+
+def test_decode_bound_times_each_weight_form_of_the_same_products():
+    result = last_json_line("decode_bound.py", "--no-compile", "--rounds", "1", "--steps", "2")
+    assert 0 < result["eager_step_matmul_share"] < 1
+    assert set(result["products_us_per_token"]) == {"fp32", "bf16", "int8", "int4"}
+    errors = result["products_relative_error"]  # the low-precision products compute the same thing, roughly
+    assert errors["bf16"] < 0.02 and errors["int8"] < 0.03 and errors["int4"] < 0.2
