@@ -22,8 +22,6 @@ import torch.multiprocessing as mp
 
 from tinylm.infer.batch import ContinuousBatch, Row
 
-Send = Callable[[tuple], None]
-
 
 class BatchProcess:
     """Runs a model's ContinuousBatch in a child process. `submit` a group of rows (one prompt's, prefilled once);
