@@ -193,9 +193,28 @@ def test_digest_set_merges_and_still_finds_old_duplicates(monkeypatch):
     stream = items + [rng.choice(items) for _ in range(100)] + [rng.randbytes(16) for _ in range(20)]
     digests, reference = DigestSet(), set()
     for item in stream:
-        assert digests.add(item) == (item not in reference)
+        assert digests.add_many([item]) == [item not in reference]
         reference.add(item)
     assert digests.sorted.size + len(digests.recent) == len(reference)
+
+
+def test_digest_set_in_blocks_finds_duplicates_within_a_block_and_across_merges(monkeypatch):
+    monkeypatch.setattr(DigestSet, "RECENT", 7)
+    rng = random.Random(2)
+    items = [rng.randbytes(15) + b"\0" for _ in range(20)] + [rng.randbytes(16) for _ in range(40)]  # NUL-ended too
+    stream = items + [rng.choice(items) for _ in range(200)]
+    rng.shuffle(stream)
+    digests, reference, at = DigestSet(), set(), 0
+    while at < len(stream):
+        block = stream[at:at + rng.randint(1, 30)]
+        expected = []
+        for item in block:
+            expected.append(item not in reference)
+            reference.add(item)
+        assert digests.add_many(block) == expected
+        at += len(block)
+    assert digests.sorted.size + len(digests.recent) == len(reference) == len(items)
+    assert list(digests.sorted) == sorted(digests.sorted)
 
 
 # ---------------------------------------------------------------- the tokenizer's sample

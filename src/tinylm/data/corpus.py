@@ -13,6 +13,7 @@ import functools
 import glob
 import hashlib
 import heapq
+import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from tinylm.data.tokenizer_training import REPO_ROOT, build_tokenizer
 from tinylm.errors import TinylmError
 from tinylm.recipe import DataConfig, Recipe
 
+DEDUP_BLOCK = 256  # raw stories checked against the seen digests at once
 STORY_SUFFIXES = (".txt", ".json", ".jsonl", ".txt.gz", ".json.gz", ".jsonl.gz", ".parquet")  # taken from directories
 
 
@@ -99,27 +101,35 @@ class Corpus:
         return self.read()
 
     def read(self, progress: Progress | None = None) -> Iterator[str]:
-        seen = DigestSet()
+        seen, limit = DigestSet(), self.max_stories or None
         kept = duplicates = replaced = 0
         for path in self.paths:
             source = StoryFile(path, progress)
-            for story in source.stories():
-                story = clean_story(story)
-                if not story:
-                    continue
-                if not seen.add(hashlib.blake2b(story.encode(), digest_size=16).digest()):
-                    duplicates += 1
-                    continue
-                kept += 1
-                yield story
-                if self.max_stories and kept >= self.max_stories:
+            for block in _clean_blocks(source.stories()):
+                fresh = seen.add_many([hashlib.blake2b(story.encode(), digest_size=16).digest() for story in block])
+                for story, new in zip(block, fresh, strict=True):
+                    if not new:
+                        duplicates += 1
+                        continue
+                    kept += 1
+                    yield story
+                    if kept == limit:
+                        break
+                if kept == limit:
                     break
             replaced += source.replaced_bytes
-            if self.max_stories and kept >= self.max_stories:
+            if kept == limit:
                 break
         if not kept:
             raise TinylmError(f"no stories found in {', '.join(self.files)}")
         self.stories, self.duplicates, self.replaced_bytes = kept, duplicates, replaced
+
+
+def _clean_blocks(stories: Iterator[str]) -> Iterator[list[str]]:
+    """The cleaned, non-empty stories in blocks of up to DEDUP_BLOCK raw ones (deduplication checks a block at a
+    time: one vectorised search per block, not one per story)."""
+    while raw := list(itertools.islice(stories, DEDUP_BLOCK)):
+        yield [story for story in map(clean_story, raw) if story]
 
 
 class DigestSet:
@@ -132,22 +142,25 @@ class DigestSet:
         self.recent: set[bytes] = set()
         self.sorted = np.empty(0, dtype="S16")
 
-    def add(self, digest: bytes) -> bool:
-        """Add a digest; False when it was already there."""
-        if digest in self.recent:
-            return False
-        if self.sorted.size:
-            probe = np.array(digest, dtype="S16")  # numpy drops trailing NULs of S16 items: compare as arrays
-            at = int(np.searchsorted(self.sorted, probe))
-            if at < self.sorted.size and self.sorted[at] == probe:
-                return False
-        self.recent.add(digest)
+    def add_many(self, digests: list[bytes]) -> list[bool]:
+        """Add digests in order; for each, whether it was new (False: seen before, earlier in the list included)."""
+        old = [False] * len(digests)
+        if self.sorted.size and digests:
+            probe = np.array(digests, dtype="S16")  # numpy drops trailing NULs of S16 items: compare as arrays
+            at = np.searchsorted(self.sorted, probe)
+            old = (self.sorted[np.minimum(at, self.sorted.size - 1)] == probe).tolist()
+        fresh = []
+        for digest, found in zip(digests, old, strict=True):
+            new = not found and digest not in self.recent
+            if new:
+                self.recent.add(digest)
+            fresh.append(new)
         if len(self.recent) >= self.RECENT:
-            # sorted in place (two sorted runs: one merge pass), so a merge holds two copies, not four
-            self.sorted = np.concatenate([self.sorted, np.array(sorted(self.recent), dtype="S16")])
-            self.sorted.sort(kind="stable")
+            # one merge pass of two sorted runs into a new array: a merge holds two copies, never more
+            recent = np.array(sorted(self.recent), dtype="S16")
+            self.sorted = np.insert(self.sorted, np.searchsorted(self.sorted, recent), recent)
             self.recent.clear()
-        return True
+        return fresh
 
 
 def load_corpus(config: DataConfig) -> Corpus:

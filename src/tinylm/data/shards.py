@@ -5,7 +5,6 @@ tokenizer and corpus are unchanged), and batches for training and evaluation. Re
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import time
 from collections import deque
@@ -45,21 +44,26 @@ def block_prefix(tokenizer: Tokenizer, framing: str) -> list[int]:
     return frame_prefix(tokenizer, framing) if framing == "sink_bos" else []
 
 
-def _frame(ids_list: list[list[int]], tokenizer: Tokenizer, framing: str, separator: list[int],
-           first: bool) -> np.ndarray:
-    """One flat token stream (int64): bos -> <s> story; eos -> story </s>; sink_bos -> story </s> (each block gets
-    <sink> <s> in front, as the pair template `<sink> <s> $A </s> $B`); none -> stories joined by "\\n\\n".
-    The pieces are gathered as references and copied once by np.fromiter, never into a flat list of every id."""
-    pieces: list[list[int]] = []
+def _frame(ids_list: list[list[int]], tokenizer: Tokenizer, framing: str, separator: list[int], first: bool,
+           dtype) -> np.ndarray:
+    """One flat token stream in the shard's dtype: bos -> <s> story; eos -> story </s>; sink_bos -> story </s> (each
+    block gets <sink> <s> in front, as the pair template `<sink> <s> $A </s> $B`); none -> stories joined by "\\n\\n".
+    A list of the ids converted at once is the fastest way from the tokenizer's lists to an array (np.fromiter over
+    the pieces, then a cast, took 1.5x as long)."""
+    flat: list[int] = []
     for ids in ids_list:
         if framing == "bos":
-            pieces += ([tokenizer.bos_id], ids)
+            flat.append(tokenizer.bos_id)
+            flat += ids
         elif framing in ("eos", "sink_bos"):
-            pieces += (ids, [tokenizer.eos_id])
+            flat += ids
+            flat.append(tokenizer.eos_id)
         else:
-            pieces += ([] if first else separator, ids)
+            if not first:
+                flat += separator
+            flat += ids
         first = False
-    return np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=sum(map(len, pieces)))
+    return np.array(flat, dtype=dtype)
 
 
 def corpus_fingerprint(config: DataConfig, files: list[Path]) -> str:
@@ -179,10 +183,11 @@ class _SplitWriter:
         return chunk, self.n_stories == len(chunk)
 
     def encode(self, stories: list[str], first: bool) -> np.ndarray:
-        array = _frame(self.tokenizer.encode_batch(stories), self.tokenizer, self.framing, self.separator, first)
-        if array.size and (array.min() < 0 or array.max() >= self.tokenizer.vocab_size):
+        array = _frame(self.tokenizer.encode_batch(stories), self.tokenizer, self.framing, self.separator, first,
+                       self.dtype)  # an id the dtype cannot hold raises OverflowError
+        if array.size and array.max() >= self.tokenizer.vocab_size:
             raise AssertionError("token id outside the vocabulary")
-        return array.astype(self.dtype)
+        return array
 
     def append(self, tokens: np.ndarray) -> None:
         self.handle.write(tokens.tobytes())
