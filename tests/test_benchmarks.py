@@ -60,3 +60,22 @@ def test_decode_bound_times_each_weight_form_of_the_same_products():
     assert set(result["products_us_per_token"]) == {"fp32", "bf16", "int8", "int4"}
     errors = result["products_relative_error"]  # the low-precision products compute the same thing, roughly
     assert errors["bf16"] < 0.02 and errors["int8"] < 0.03 and errors["int4"] < 0.2
+
+
+def test_speedrun_summary_takes_the_worse_seed_and_counts_half_budget_runs_for_speed_only(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import speedrun
+
+    def run(name, seed, steps, curve):
+        return {"name": name, "seed": seed, "steps": steps, "tokens": steps, "wall_s": 1.0, "ms_per_step": 1.0,
+                "bpb": curve[steps], "curve": curve}
+
+    runs = [run("baseline", 1, 1200, {600: 1.2, 1200: 1.04}), run("baseline", 2, 1200, {600: 1.2, 1200: 1.03}),
+            run("muon", 1, 1200, {600: 1.1, 900: 1.02, 1200: 0.93}),
+            run("muon", 2, 1200, {600: 1.1, 900: 1.05, 1100: 1.0, 1200: 0.95}),
+            run("winner@600", 1, 600, {500: 1.04, 600: 1.01}), run("winner@600", 2, 600, {500: 1.03, 600: 1.02})]
+    summary = speedrun.summarise(runs, 1200)
+    assert summary["baseline_bpb"] == 1.03  # the better baseline seed
+    assert summary["best"] == "muon" and summary["best_bpb_at_1200"] == 0.95  # a half-budget run never ends at 1,200
+    assert summary["candidates"]["muon"]["steps_to_baseline_bpb_worse_seed"] == 1100
+    assert summary["fastest_to_baseline_bpb"] == "winner@600" and summary["best_steps_to_baseline_bpb"] == 600
