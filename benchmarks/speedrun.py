@@ -59,9 +59,10 @@ CANDIDATES: dict[str, list[str]] = {name: BASELINE + changes for name, changes i
     "muon3x+wsd+embed3x": WINNER,  # the winner: tinystories-demo's settings since
     "muon3x+wsd+zero-init": MUON_3X + WSD + ZERO_INIT,
     # Half the budget: the winner's whole schedule (warmup, stable, decay) compressed into 600 steps, as a user with
-    # half the time would train, and three variants for the shorter run: a longer decay, a decay over the whole run,
-    # and every rate at 1.5x.
+    # half the time would train, and variants for the shorter run: a longer and a shorter decay, a decay over the
+    # whole run, and every rate at 1.5x.
     "winner@600": WINNER,
+    "winner+decay0.2@600": WINNER + ["train.decay_fraction=0.2"],
     "winner+decay0.6@600": WINNER + ["train.decay_fraction=0.6"],
     "winner+decay1.0@600": WINNER + ["train.decay_fraction=1.0"],
     "winner+rates1.5x@600": WINNER + ["train.lr=3e-3", "train.matrix_lr=9e-3", "train.embedding_lr=9e-3"],
