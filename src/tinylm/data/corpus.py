@@ -105,16 +105,12 @@ class Corpus:
         kept = duplicates = replaced = 0
         for path in self.paths:
             source = StoryFile(path, progress)
-            for block in _clean_blocks(source.stories()):
-                fresh = seen.add_many([hashlib.blake2b(story.encode(), digest_size=16).digest() for story in block])
-                for story, new in zip(block, fresh, strict=True):
-                    if not new:
-                        duplicates += 1
-                        continue
-                    kept += 1
-                    yield story
-                    if kept == limit:
-                        break
+            for story, new in _marked_new(source.stories(), seen):
+                if not new:
+                    duplicates += 1
+                    continue
+                kept += 1
+                yield story
                 if kept == limit:
                     break
             replaced += source.replaced_bytes
@@ -125,11 +121,13 @@ class Corpus:
         self.stories, self.duplicates, self.replaced_bytes = kept, duplicates, replaced
 
 
-def _clean_blocks(stories: Iterator[str]) -> Iterator[list[str]]:
-    """The cleaned, non-empty stories in blocks of up to DEDUP_BLOCK raw ones (deduplication checks a block at a
-    time: one vectorised search per block, not one per story)."""
+def _marked_new(stories: Iterator[str], seen: DigestSet) -> Iterator[tuple[str, bool]]:
+    """Each cleaned, non-empty story with whether it is new (its digest added to `seen`). Stories are checked in
+    blocks of DEDUP_BLOCK raw ones: one vectorised search per block, not one per story."""
     while raw := list(itertools.islice(stories, DEDUP_BLOCK)):
-        yield [story for story in map(clean_story, raw) if story]
+        block = [story for story in map(clean_story, raw) if story]
+        yield from zip(block, seen.add_many([hashlib.blake2b(s.encode(), digest_size=16).digest() for s in block]),
+                       strict=True)
 
 
 class DigestSet:
