@@ -79,3 +79,22 @@ def test_speedrun_summary_takes_the_worse_seed_and_counts_half_budget_runs_for_s
     assert summary["best"] == "muon" and summary["best_bpb_at_1200"] == 0.95  # a half-budget run never ends at 1,200
     assert summary["candidates"]["muon"]["steps_to_baseline_bpb_worse_seed"] == 1100
     assert summary["fastest_to_baseline_bpb"] == "winner@600" and summary["best_steps_to_baseline_bpb"] == 600
+
+
+def test_speedrun_reads_back_a_run_by_the_settings_it_resolved_to(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import speedrun
+    from tinylm.recipe import load_recipe
+    from tinylm.recipe.writing import recipe_to_toml
+
+    sets = speedrun.CANDIDATES["baseline"] + ["train.max_steps=200"]
+    (tmp_path / "recipe.toml").write_text(recipe_to_toml(load_recipe(speedrun.RECIPE, sets)))
+    (tmp_path / "run.json").write_text(json.dumps({"tokens_per_step": 4096, "wall_time_s": 9.0}))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in [
+        {"step": 100, "ms_per_step": 5.0}, {"step": 100, "val_bpb": 1.5}, {"step": 200, "ms_per_step": 4.0},
+        {"step": 200, "val_bpb": 1.25}]))
+    result = speedrun.finished_result(tmp_path, "baseline", 1, 200, sets)
+    assert result["bpb"] == 1.25 and result["curve"] == {100: 1.5, 200: 1.25} and result["tokens"] == 200 * 4096
+    # the same settings spelt differently still match (the recipe's own default restated); another setting does not
+    assert speedrun.finished_result(tmp_path, "baseline", 1, 200, sets + ["model.dim=128"]) is not None
+    assert speedrun.finished_result(tmp_path, "baseline", 1, 200, sets + ["train.seed=7"]) is None

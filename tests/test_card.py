@@ -46,8 +46,8 @@ def test_card_holds_the_runs_own_figures(demo_run):
     card = (demo_run / "README.md").read_text()
     info = read_run(demo_run)
     evaluation = json.loads((demo_run / "eval.json").read_text())
-    assert info.total_params == 1_049_728
-    assert "1,049,728 total, 787,584 without embeddings" in card
+    assert info.total_params == 1_311_872  # the untied head's 262,144 included
+    assert "1,311,872 total, 1,049,728 without embeddings" in card
     assert "| heads / KV heads | 4 / 2 (head_dim 32) |" in card
     assert f"| {evaluation['loss']:.4f} | {evaluation['perplexity']:.3f} | {evaluation['bits_per_byte']:.4f} |" in card
     assert f"| steps | {info.steps:,} |" in card and info.steps == 8
@@ -83,7 +83,7 @@ def test_compare_sorts_by_bits_per_byte(demo_run, tmp_path, capsys):
     assert [row.split("|")[1].strip() for row in rows] == ["other", "run"]
     assert plot.read_bytes()[:4] == b"\x89PNG"
     table = comparison_table([read_run(demo_run)])
-    assert re.search(r"\| run \| tinystories-demo \| 2,048 \| 1,049,728 \| 8,192 \|", table)
+    assert re.search(r"\| run \| tinystories-demo \| 2,048 \| 1,311,872 \| 8,192 \|", table)
 
 
 def test_demo_refuses_to_overwrite_a_run(demo_run, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from tinylm.storage.atomic import verify_manifest, write_manifest
 from tinylm.storage.rundir import RunDir
 from tinylm.train.checkpoints import load_state
 from tinylm.train.loop import prepare_run_data, train
-from tinylm.train.optimizer import build_optimizer
+from tinylm.train.optimizer import ShapeBatchedMuon, build_optimizer
 from tinylm.train.runtime import Placement
 from tinylm.train.schedule import learning_rate
 
@@ -147,6 +148,32 @@ def test_muon_takes_the_hidden_matrices_and_each_role_keeps_its_rate(capsys):
     assert len(rate) == len(list(model.parameters()))
     optimizer.set_lr_scale(0.5)
     assert {g["lr"] for g in optimizer.param_groups} == {2.5e-3, 1e-4, 1.5e-3, 5e-4}
+
+
+def test_shape_batched_muon_updates_bitwise_as_torch_muon():
+    """Muon's Newton-Schulz products batched by shape change nothing: after a few steps the weights are
+    torch.optim.Muon's bit for bit (square, tall and wide matrices), and the state loads into torch's optimizer."""
+    recipe = load_recipe("tinystories-demo", ["model.n_layers=2"])
+    torch.manual_seed(0)
+    ours_model = build_model(recipe.model)
+    torch_model, start = copy.deepcopy(ours_model), copy.deepcopy(ours_model)
+
+    def hidden(model):
+        return [p for layer in model.layers for p in layer.parameters() if p.dim() == 2]
+
+    settings = {"lr": 6e-3, "weight_decay": 0.1, "nesterov": True, "adjust_lr_fn": "match_rms_adamw"}
+    ours = ShapeBatchedMuon(hidden(ours_model), **settings)
+    reference = torch.optim.Muon(hidden(torch_model), **settings)
+    ids = torch.randint(0, recipe.model.vocab_size, (2, 32))
+    for _ in range(3):
+        for model, optimizer in ((ours_model, ours), (torch_model, reference)):
+            optimizer.zero_grad()
+            model(ids, ids)[1].backward()
+            optimizer.step()
+    assert {p.shape[0] > p.shape[1] for p in hidden(ours_model)} == {True, False}
+    assert all(torch.equal(a, b) for a, b in zip(hidden(ours_model), hidden(torch_model), strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(hidden(ours_model), hidden(start), strict=True))  # it trained
+    reference.load_state_dict(ours.state_dict())
 
 
 def test_zero_init_projections_start_each_block_as_the_identity():
