@@ -114,7 +114,9 @@ def test_the_servers_batch_process_gives_what_generate_gives_and_drops_a_stopped
         assert _wait(lambda: worker.live() == 0)
         assert stopped.finish_reason == "stop" and stopped.new == generate(model, [[1, 2, 3]], sampling, seed=5)[0][:3]
         assert full.finish_reason == "length" and streamed == full.new == _alone(model, [4], sampling, 6, 1, 20)
-        assert worker.dropped <= 2  # the child let the stopped row go at once, not after its 200 tokens
+        # The child let the stopped row go at once, not after its 200 tokens: the few it drew while the message
+        # crossed (more on a loaded machine) are dropped.
+        assert worker.dropped < 20
     finally:
         worker.stop(10)
 
