@@ -7,7 +7,9 @@ aurelius-4m with random weights (16 MB of fp32 matrices read once per token). In
    as in a step): torch.mm in fp32 against bf16 weights (torch.mm) and PyTorch's weight-only int8 and int4 kernels
    (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, the kernels torchao's CPU paths call), with each one's error
    against fp32;
-3. the whole step compiled by torch.compile (fullgraph; Inductor's C++ kernels and C++ wrapper; a static cache whose
+3. the whole eager step with the model in bf16, its products on oneDNN's packed bf16 weights (AMX tiles where the
+   CPU has them), against the fp32 step at batch 1 and 64, with the logits' relative error;
+4. the whole step compiled by torch.compile (fullgraph; Inductor's C++ kernels and C++ wrapper; a static cache whose
    later positions are masked, as gpt-fast does) against the eager step, at batch 1 and 64, and the compile's seconds.
 
 The contenders take turns round by round (timing.interleaved_times). The last line is JSON.
@@ -18,6 +20,7 @@ The contenders take turns round by round (timing.interleaved_times). The last li
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -29,7 +32,8 @@ import torch.nn.functional as F
 
 from timing import interleaved_times
 from tinylm.models import build_model
-from tinylm.models.decode import fast_llama
+from tinylm.models.decode import FastLlama, fast_llama
+from tinylm.models.ops import onednn_packed
 from tinylm.recipe import load_recipe
 
 CONTEXT = 256
@@ -127,6 +131,29 @@ def compiled_against_eager(model, fast, batch: int, steps: int, rounds: int) -> 
             "compiled_vs_eager": eager_s / compiled_s, "compile_seconds": compile_s, "max_logit_difference": error}
 
 
+def bf16_step_against_fp32(model, fast, batch: int, steps: int, rounds: int) -> dict:
+    """The eager step of a bf16 copy of the model (its products on packed bf16 weights) against the fp32 step, taking
+    turns, and the relative error of its first logits."""
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    fast_low = FastLlama(low)
+    fast_low.onednn = onednn_packed()  # the packed ops take bf16 weights as they take fp32 ones
+    ids = torch.randint(0, model.config.vocab_size, (batch,))
+    reference = fast.step(ids, model.new_cache(batch, max_len=CONTEXT))
+    error = (fast_low.step(ids, low.new_cache(batch, max_len=CONTEXT)).float() - reference).norm() / reference.norm()
+
+    def decode(step, cache) -> None:
+        cache.lengths = [0] * batch
+        for _ in range(steps):
+            step(ids, cache)
+
+    caches = {"fp32": model.new_cache(batch, max_len=CONTEXT), "bf16": low.new_cache(batch, max_len=CONTEXT)}
+    times = interleaved_times({"fp32": lambda: decode(fast.step, caches["fp32"]),
+                               "bf16": lambda: decode(fast_low.step, caches["bf16"])}, rounds)
+    fp32_s, bf16_s = statistics.median(times["fp32"]), statistics.median(times["bf16"])
+    return {"fp32_tokens_per_s": batch * steps / fp32_s, "bf16_tokens_per_s": batch * steps / bf16_s,
+            "bf16_vs_fp32": fp32_s / bf16_s, "logits_relative_error": error.item()}
+
+
 def matmul_share(model, fast, steps: int) -> float:
     from torch.profiler import ProfilerActivity, profile
 
@@ -163,6 +190,9 @@ def main() -> None:
         result["products_vs_fp32"] = {name: per_token["fp32"] / us for name, us in per_token.items()}
         result["products_relative_error"] = {name: relative_error(forms["fp32"], calls)
                                              for name, calls in forms.items() if name != "fp32"}
+        if onednn_packed() is not None:
+            for batch in (1, 64):
+                result[f"bf16_step_batch{batch}"] = bf16_step_against_fp32(model, fast, batch, args.steps, args.rounds)
         if not args.no_compile:
             with tempfile.TemporaryDirectory() as cache_dir:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
@@ -171,6 +201,11 @@ def main() -> None:
     print(f"eager step, batch 1: {100 * result['eager_step_matmul_share']:.0f}% of its CPU time in mm/addmm")
     for name, us in per_token.items():
         print(f"one token's products, {name:>4}: {us:7.0f} us ({result['products_vs_fp32'][name]:.2f}x fp32's speed)")
+    for batch in (1, 64):
+        if f"bf16_step_batch{batch}" in result:
+            r = result[f"bf16_step_batch{batch}"]
+            print(f"batch {batch}: fp32 step {r['fp32_tokens_per_s']:.0f}, bf16 step {r['bf16_tokens_per_s']:.0f} "
+                  f"tokens/s ({r['bf16_vs_fp32']:.2f}x; logits' relative error {r['logits_relative_error']:.4f})")
     for batch in (1, 64):
         if f"batch{batch}" in result:
             r = result[f"batch{batch}"]

@@ -60,6 +60,9 @@ def test_decode_bound_times_each_weight_form_of_the_same_products():
     assert set(result["products_us_per_token"]) == {"fp32", "bf16", "int8", "int4"}
     errors = result["products_relative_error"]  # the low-precision products compute the same thing, roughly
     assert errors["bf16"] < 0.02 and errors["int8"] < 0.03 and errors["int4"] < 0.2
+    for batch in (1, 64):  # the whole step in bf16 computes the fp32 step's logits, roughly
+        step = result[f"bf16_step_batch{batch}"]
+        assert step["bf16_vs_fp32"] > 0 and step["logits_relative_error"] < 0.05
 
 
 def test_speedrun_summary_takes_the_worse_seed_and_counts_half_budget_runs_for_speed_only(monkeypatch):
