@@ -131,7 +131,7 @@ class ShapeBatchedMuon(torch.optim.Muon):
     """torch.optim.Muon with the Newton-Schulz iterations of same-shaped matrices run as one batch of products.
 
     Bitwise the same update as torch's per-matrix loop (the same bf16 products, matrix by matrix:
-    tests/test_train.py), the same state dict, at about a third of the cost per step on the demo model, where each
+    tests/test_optimizer.py), the same state dict, at about a third of the cost per step on the demo model, where each
     of the loop's 15 products per matrix is too small to pay for its own call (docs/SPEEDRUN.md)."""
 
     @torch.no_grad()
