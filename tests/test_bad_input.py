@@ -241,7 +241,8 @@ def test_output_onto_a_file_is_refused(trained, files, tmp_path, capsys):
     precious.write_text("keep me")
     for argv in (["export", str(run), "--format", "hf", "--out", str(precious)],
                  ["tokenizer", "train", "micromixer-100k", "--out", str(precious)],
-                 ["data", "prepare", "micromixer-100k", "--out", str(precious), *SETS]):
+                 ["data", "prepare", "micromixer-100k", "--out", str(precious), *SETS],
+                 ["train", "micromixer-100k", "--out", str(precious), *SETS]):
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(precious) in err[0], err

@@ -55,6 +55,14 @@ def _writing(path: Path) -> Iterator[None]:
         raise TinylmError(f"cannot write {path}: {exc.strerror or exc}{where}") from None
 
 
+def make_dir(path: Path) -> None:
+    """`mkdir -p` for an output directory; a file in its place, or no permission, is one clear line."""
+    if path.exists() and not path.is_dir():
+        raise TinylmError(f"cannot write {path}: it exists and is not a directory")
+    with _writing(path):
+        path.mkdir(parents=True, exist_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block succeeds it is renamed onto `path`."""

@@ -26,7 +26,7 @@ from tinylm.errors import TinylmError
 from tinylm.models import build_model
 from tinylm.models.weights import load_checked
 from tinylm.recipe import Recipe, recipe_to_toml
-from tinylm.storage.atomic import atomic_write_json, atomic_write_text
+from tinylm.storage.atomic import atomic_write_json, atomic_write_text, make_dir
 from tinylm.storage.rundir import RunDir, step_dir_name
 from tinylm.train import checkpoints as ckpt
 from tinylm.train.evaluation import bits_per_byte, eval_batch_size, loss_sums
@@ -127,7 +127,7 @@ class Trainer:
             raise TinylmError("--init-from starts a new run and --resume continues one: give one of them")
         resume_from = self._resume_point(resume)
         if place.main:
-            run.path.mkdir(parents=True, exist_ok=True)
+            make_dir(run.path)
         if init is not None:  # before the data: the shards are made with the source's tokenizer
             _rank0_first(place, lambda: adopt_tokenizer(run, init))
         self.tokenizer = prepare_run_data(recipe, run, place, progress)
