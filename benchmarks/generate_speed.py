@@ -6,6 +6,10 @@ Tokens/s = new tokens / wall time of the whole generate call (prefill included),
 least 3) in which the runs take turns, so the ratio compares runs made under the same machine conditions. Both sides
 run with --threads intra-op threads (default 1: on a small shared machine a second thread that waits for a busy core
 costs far more than it gives; tinylm's generate uses 1 thread for batches up to 4 whatever the setting).
+The compiled step (`generate(..., compiled=...)`, models/compiled.py) runs at batch 1 and 64 in the same rounds with
+float32 and int8 weights; `compiled_batch{1,64}_vs_eager` are int8's ratios to the eager engine. Its first start
+(building decode_step.cpp into an empty cache directory, then packing the weights) and a cached start (the built
+library found, weights packed) are timed before the rounds.
 When llama.cpp's Python bindings (llama_cpp) import, the same weights exported as GGUF (f32 and q8_0) run in
 llama.cpp at batch 1 in the same rounds, with the same settings and --threads threads.
 The last line is one JSON object.
@@ -17,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
+import time
 from functools import partial
 
 import torch
@@ -28,6 +34,7 @@ from tinylm.export.gguf import export_gguf_model
 from tinylm.export.hf import hf_config, hf_state_dict
 from tinylm.infer.engine import generate
 from tinylm.models import build_model
+from tinylm.models.compiled import CompiledLlama
 from tinylm.recipe import Sampling, TokenizerConfig, load_recipe
 
 SETTINGS = dict(temperature=0.5, min_p=0.15)
@@ -71,6 +78,20 @@ def llama_cpp_runs(model, recipe, prompt: list[int], n: int, threads: int, folde
     return runs
 
 
+def compile_seconds(model, folder: str) -> dict:
+    """Seconds to a ready int8 compiled step: built into an empty cache directory, then with the build cached."""
+    os.environ["TINYLM_CACHE"] = folder
+    try:
+        seconds = []
+        for _ in range(2):
+            started = time.perf_counter()
+            CompiledLlama(model, "int8")
+            seconds.append(time.perf_counter() - started)
+    finally:
+        del os.environ["TINYLM_CACHE"]
+    return {"compile_seconds_first": seconds[0], "compile_seconds_cached": seconds[1]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="rounds (at least 3)")
@@ -87,8 +108,9 @@ def main() -> None:
     for p in prompts:
         p[0] = 0  # BOS
 
-    def ours(batch: int) -> None:
-        out = generate(model, prompts[:batch], Sampling(max_new_tokens=n, **SETTINGS), eos_id=None, seed=0)
+    def ours(batch: int, compiled: str | None = None) -> None:
+        out = generate(model, prompts[:batch], Sampling(max_new_tokens=n, **SETTINGS), eos_id=None, seed=0,
+                       compiled=compiled)
         assert all(len(row) == n for row in out)
 
     hf = transformers_model(model, recipe)
@@ -103,14 +125,25 @@ def main() -> None:
     torch.set_num_threads(args.threads)  # both sides alike
     # generate itself uses 1 thread up to batch 4; a batch-1 run takes a fraction of a second: at least three rounds
     runs = {"batch1": (1, ours), "transformers_batch1": (1, theirs), "batch64": (64, ours)}
+    for dtype in ("float32", "int8"):
+        for batch in (1, 64):
+            runs[f"compiled_{dtype}_batch{batch}"] = (batch, partial(ours, compiled=dtype))
     if args.hf_batch64:
         runs["transformers_batch64"] = (64, theirs)
     with tempfile.TemporaryDirectory() as folder:
+        compiling = compile_seconds(model, folder)
         runs.update(llama_cpp_runs(model, recipe, prompts[0], n, args.threads, folder))
         times = interleaved_times({name: partial(fn, batch) for name, (batch, fn) in runs.items()},
                                   max(3, args.repeats))
     result = {f"{name}_tokens_per_s": batch * n / min(times[name]) for name, (batch, _) in runs.items()}
     result["ratio_batch1"] = result["batch1_tokens_per_s"] / result["transformers_batch1_tokens_per_s"]
+    for dtype in ("float32", "int8"):
+        for batch in (1, 64):
+            result[f"compiled_{dtype}_batch{batch}_vs_eager"] = (result[f"compiled_{dtype}_batch{batch}_tokens_per_s"]
+                                                                 / result[f"batch{batch}_tokens_per_s"])
+    for batch in (1, 64):
+        result[f"compiled_batch{batch}_vs_eager"] = result[f"compiled_int8_batch{batch}_vs_eager"]
+    result.update(compiling)
     for dtype in ("f32", "q8_0"):
         if f"llama_cpp_{dtype}_batch1_tokens_per_s" in result:
             result[f"ratio_batch1_vs_llama_cpp_{dtype}"] = (result["batch1_tokens_per_s"]
@@ -121,6 +154,13 @@ def main() -> None:
     print(f"transformers batch 1:  {result['transformers_batch1_tokens_per_s']:9.0f} tokens/s")
     if "transformers_batch64_tokens_per_s" in result:
         print(f"transformers batch 64: {result['transformers_batch64_tokens_per_s']:9.0f} tokens/s")
+    for dtype in ("float32", "int8"):
+        for batch in (1, 64):
+            name = f"compiled_{dtype}_batch{batch}"
+            print(f"compiled {dtype:<7} batch {batch:<2}: {result[f'{name}_tokens_per_s']:7.0f} tokens/s "
+                  f"({result[f'{name}_vs_eager']:.2f}x the eager engine)")
+    print(f"compiled step's first start {result['compile_seconds_first']:.1f} s, cached start "
+          f"{result['compile_seconds_cached']:.2f} s")
     for dtype in ("f32", "q8_0"):
         if f"llama_cpp_{dtype}_batch1_tokens_per_s" in result:
             print(f"llama.cpp {dtype:<4} batch 1: {result[f'llama_cpp_{dtype}_batch1_tokens_per_s']:8.0f} tokens/s")

@@ -27,8 +27,11 @@ def test_train_speed_reports_both_ratios():
 
 def test_generate_speed_reports_its_keys():
     result = last_json_line("generate_speed.py", "--new-tokens", "4")
-    for key in ("batch1_tokens_per_s", "batch64_tokens_per_s", "transformers_batch1_tokens_per_s", "ratio_batch1"):
+    for key in ("batch1_tokens_per_s", "batch64_tokens_per_s", "transformers_batch1_tokens_per_s", "ratio_batch1",
+                "compiled_batch1_vs_eager", "compiled_batch64_vs_eager", "compiled_float32_batch1_vs_eager",
+                "compile_seconds_cached"):
         assert result[key] > 0
+    assert result["compile_seconds_first"] > result["compile_seconds_cached"]  # the first start builds the library
 
 
 def test_serve_load_reports_its_keys():

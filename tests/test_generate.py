@@ -224,7 +224,7 @@ class Counter(nn.Module):
     def new_cache(self, batch_size, max_len=None):
         return MixerState(1, batch_size, 2, "cpu")
 
-    def decode_step(self, fast=True):
+    def decode_step(self, fast=True, compiled=None):
         return forward_step(self)
 
     def forward(self, ids, targets=None, cache=None):

@@ -13,6 +13,11 @@ def overrides_words(overrides: list[str]) -> list[str]:
     return [w for o in overrides for w in ("--set", o)]
 
 
+def compiled_dtype(args) -> str | None:
+    """The compiled step's dtype that --compile / --dtype ask for (None: eager)."""
+    return args.dtype or ("float32" if args.compile else None)
+
+
 def cmd_recipes(args) -> int:
     from tinylm.recipe import load_recipe, recipe_names, recipe_text
 
@@ -137,7 +142,8 @@ def cmd_eval(args) -> int:
 
     from tinylm.runs.evaluate import evaluate_path
 
-    result = evaluate_path(args.run, which=args.checkpoint, data_dir=args.data, batch_size=args.batch_size)
+    result = evaluate_path(args.run, which=args.checkpoint, data_dir=args.data, batch_size=args.batch_size,
+                           compiled=args.dtype)
     if result.note:
         print(f"tinylm: {result.note}", file=sys.stderr)
     if args.json:
@@ -168,7 +174,7 @@ def cmd_sample(args) -> int:
         min_p=args.min_p, repetition_penalty=args.repetition_penalty)
     prompts = args.prompt if args.prompt is not None else recipe.sample.prompts
     options = dict(prefix=frame_prefix(tokenizer, recipe.data.framing), stop=[_unescape(s) for s in args.stop],
-                   seed=args.seed, end_ids=loaded.end_ids)
+                   seed=args.seed, end_ids=loaded.end_ids, compiled=compiled_dtype(args))
     if len(prompts) == 1:  # one prompt: stream its text as it comes (the prompt first, once it is accepted)
         shown = []
 
@@ -193,7 +199,8 @@ def cmd_serve(args) -> int:
     if args.max_batch < 1:
         raise TinylmError(f"--max-batch must be >= 1, got {args.max_batch}")
     models = load_served(args.models, args.name, args.checkpoint, resolve_device(args.device))
-    serve(models, args.host, args.port, args.api_key, Limits(max_batch=args.max_batch, max_rows=args.max_batch))
+    serve(models, args.host, args.port, args.api_key, Limits(max_batch=args.max_batch, max_rows=args.max_batch),
+          compiled=compiled_dtype(args))
     return 0
 
 

@@ -22,6 +22,18 @@ from tinylm.cli.commands import (
     cmd_train,
 )
 from tinylm.export import FORMATS, GGUF_DTYPES
+from tinylm.models import COMPILED_DTYPES
+
+
+def add_compile_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", action="store_true",
+                        help="decode with the compiled step (LLaMA models on the CPU): each token one call into C++ "
+                             "built for this CPU. The first start builds it with the C++ compiler (about 2 s), later "
+                             "starts load it from ~/.cache/tinylm ($TINYLM_CACHE). Without a compiler one line says "
+                             "so and decoding is eager")
+    parser.add_argument("--dtype", choices=COMPILED_DTYPES,
+                        help="the compiled step's weights: float32 (the default; the eager step's tokens) or int8 "
+                             "(a quarter of the bytes per token, several times faster; implies --compile)")
 
 
 def add_overrides(parser: argparse.ArgumentParser) -> None:
@@ -91,6 +103,9 @@ def _add_train_commands(commands) -> None:
     p.add_argument("--data", metavar="DIR", help="the token shards to use (default RUN/data)")
     p.add_argument("--batch-size", type=int, default=None, help="rows per evaluation batch (default: the recipe's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--dtype", choices=COMPILED_DTYPES,
+                   help="score the compiled decode step with weights in this dtype, one position at a time as "
+                        "decoding runs, instead of the model's forward pass (not recorded in RUN/eval.json)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -118,6 +133,7 @@ def _add_use_commands(commands) -> None:
                    help="end a completion before this text (repeatable; \\n and \\t are understood)")
     p.add_argument("--checkpoint", default="best", help="for a run: best (default), latest or step-NNNNNNNN")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    add_compile_options(p)
     p.set_defaults(func=cmd_sample)
 
     p = commands.add_parser("serve", help="an OpenAI-compatible completions server and a playground page",
@@ -132,6 +148,7 @@ def _add_use_commands(commands) -> None:
     p.add_argument("--max-batch", dest="max_batch", type=int, default=64, help="rows decoding together per model")
     p.add_argument("--checkpoint", default="best", help="for a run: best (default), latest or step-NNNNNNNN")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    add_compile_options(p)
     p.set_defaults(func=cmd_serve)
 
     p = commands.add_parser("export", help="export a run for Hugging Face transformers, llama2.c or llama.cpp",

@@ -39,12 +39,14 @@ def end_id_set(eos_id: int | Sequence[int] | None) -> frozenset[int]:
 
 def generate(model, prompts_ids: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
              eos_id: int | Sequence[int] | None = None, seed: int | None = None, stop: StopFn | None = None,
-             stream: StreamFn | None = None, fast: bool = True) -> list[list[int]]:
+             stream: StreamFn | None = None, fast: bool = True, compiled: str | None = None) -> list[list[int]]:
     """Continue each prompt (a list of ids, frame prefix included); returns the new ids of each row.
 
     A row ends at `eos_id` (one id or several; not included in its ids), when `stop(row, ids)` says so, after
     `sampling.max_new_tokens`, or when prompt plus new ids fill the model's context. `seed` makes sampling
-    repeatable. `fast=False` decodes through model.forward instead of the model's fused step (same results)."""
+    repeatable. `fast=False` decodes through model.forward instead of the model's fused step (same results).
+    `compiled` ("float32" or "int8") decodes with the compiled step, its weights in that dtype (models/compiled.py;
+    float32 gives the fused step's tokens), where it can run; elsewhere one line on stderr says so."""
     prompts = [[int(i) for i in p] for p in prompts_ids]
     check_prompts(model, prompts)
     device = model.tok_embeddings.weight.device
@@ -58,7 +60,7 @@ def generate(model, prompts_ids: Sequence[Sequence[int]], sampling: Sampling = S
                         budget=min(sampling.max_new_tokens, model.max_positions - len(prompt)), end_ids=end_ids,
                         stop=None if stop is None else lambda ids, i=i: stop(i, ids),
                         on_token=None if stream is None else lambda row, token, _, i=i: stream(i, token)))
-    batch = ContinuousBatch(model, fast, max_len=max(len(r.prompt) + r.budget for r in rows))
+    batch = ContinuousBatch(model, fast, max_len=max(len(r.prompt) + r.budget for r in rows), compiled=compiled)
     for row in rows:
         batch.submit([row])
     was_training, threads = model.training, torch.get_num_threads()
@@ -76,13 +78,15 @@ def generate(model, prompts_ids: Sequence[Sequence[int]], sampling: Sampling = S
 
 def generate_text(model, tokenizer, prompts: Sequence[str], sampling: Sampling = Sampling(),
                   prefix: Sequence[int] = (), stop: Sequence[str] = (), seed: int | None = None,
-                  stream: Callable[[int, str], None] | None = None, end_ids: Sequence[int] | None = None) -> list[str]:
+                  stream: Callable[[int, str], None] | None = None, end_ids: Sequence[int] | None = None,
+                  compiled: str | None = None) -> list[str]:
     """Continue each text prompt; returns the new text of each (ending before a stop string, if one occurs).
 
     `sampling` is usually the recipe's (`recipe.sample.settings`). `prefix` is the recipe's frame prefix
     (data.shards.frame_prefix), so an empty prompt starts a story from BOS (or <sink> <s>). `stream(row, text)`
     receives text as it is decided. A row ends at `end_ids`: by default the tokenizer's EOS and BOS
-    (`Tokenizer.story_end_ids`); a model directory written elsewhere names its own (`LoadedModel.end_ids`)."""
+    (`Tokenizer.story_end_ids`); a model directory written elsewhere names its own (`LoadedModel.end_ids`).
+    `compiled`: as in `generate`."""
     if any(s == "" for s in stop):
         raise TinylmError("an empty stop string (--stop \"\") would end every completion before it starts")
     prompts_ids = [list(prefix) + tokenizer.encode(p) for p in prompts]
@@ -101,7 +105,7 @@ def generate_text(model, tokenizer, prompts: Sequence[str], sampling: Sampling =
 
     end = tokenizer.story_end_ids if end_ids is None else list(end_ids)
     new = generate(model, prompts_ids, sampling, eos_id=end, seed=seed,
-                   stop=watch if use_watcher else None)
+                   stop=watch if use_watcher else None, compiled=compiled)
     out = []
     for row, ids in enumerate(new):
         text, released = texts[row].finish(ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -63,7 +64,7 @@ def sampling_weights(settings: Sampling, logits: torch.Tensor, seen: torch.Tenso
     scores = _up_to_top_p(settings, logits, seen)
     weights = scores.sub(scores.amax(dim=-1, keepdim=True)).exp_()
     if settings.min_p > 0:  # threshold keeps what is above its bound: the float32 just below min_p keeps min_p itself
-        F.threshold_(weights, torch.nextafter(torch.tensor(settings.min_p), torch.tensor(0.0)).item(), 0.0)
+        F.threshold_(weights, float(np.nextafter(np.float32(settings.min_p), np.float32(0))), 0.0)
     return weights
 
 

@@ -26,8 +26,9 @@ OPEN_PATHS = {"/", "/health", "/playground.html"}  # the page and the health che
 
 
 def create_app(models: list[ServedModel], api_key: str | None = None, limits: Limits = Limits(),
-               fast: bool = True) -> FastAPI:
-    """The server's ASGI app over these loaded models (names must differ). Workers start with the app's lifespan."""
+               fast: bool = True, compiled: str | None = None) -> FastAPI:
+    """The server's ASGI app over these loaded models (names must differ). Workers start with the app's lifespan and
+    decode with the compiled step in `compiled`'s dtype where it can run (models/compiled.py), else eagerly."""
     by_name = {m.name: m for m in models}
     if len(by_name) != len(models):
         raise ValueError("two models have the same name")
@@ -37,7 +38,7 @@ def create_app(models: list[ServedModel], api_key: str | None = None, limits: Li
     async def lifespan(app: FastAPI):
         for served in models:
             workers[served.name] = BatchProcess(served.model, fast, max_rows=limits.max_batch,
-                                                name=f"tinylm-{served.name}")
+                                                name=f"tinylm-{served.name}", compiled=compiled)
         yield
         cancel_all(app)
         for worker in workers.values():

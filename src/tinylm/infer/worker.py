@@ -27,11 +27,12 @@ class BatchProcess:
     """Runs a model's ContinuousBatch in a child process. `submit` a group of rows (one prompt's, prefilled once);
     `cancel()` on a row reaches the child with the next step's message; `stop` ends the child."""
 
-    def __init__(self, model, fast: bool = True, max_rows: int | None = None, name: str = "tinylm-batch"):
+    def __init__(self, model, fast: bool = True, max_rows: int | None = None, name: str = "tinylm-batch",
+                 compiled: str | None = None):
         context = mp.get_context("spawn")  # a fork would copy the parent's threads' state, OpenMP's pool included
         self.connection, child_end = context.Pipe()
         self.process = context.Process(target=_run_batch, name=name, daemon=True,
-                                       args=(child_end, model, fast, max_rows, torch.get_num_threads()))
+                                       args=(child_end, model, fast, max_rows, torch.get_num_threads(), compiled))
         self.process.start()
         child_end.close()
         self.rows: dict[int, Row] = {}  # in flight: sent to the child, not yet ended
@@ -142,13 +143,13 @@ def _bare(row: Row) -> Row:
 
 
 # ---------------------------------------------------------------------------------------------------- the child
-def _run_batch(connection, model, fast: bool, max_rows: int | None, threads: int) -> None:
+def _run_batch(connection, model, fast: bool, max_rows: int | None, threads: int, compiled: str | None) -> None:
     """The child: take what the parent sends, step while rows are live, send each step's tokens and endings."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # the server ends streams first, then says stop
         signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(threads)
     model.eval()
-    batch = ContinuousBatch(model, fast, max_rows=max_rows)
+    batch = ContinuousBatch(model, fast, max_rows=max_rows, compiled=compiled)
     rows: dict[int, Row] = {}
     tokens: list[tuple] = []
     finished: list[tuple] = []

@@ -142,20 +142,26 @@ def _mm(x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor | None) -> tor
     return torch.mm(x, matrix) if bias is None else torch.addmm(bias, x, matrix)
 
 
-_FAST_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {kind: (weights' state, copy)}
+
+
+def kept_copy(model: nn.Module, kind: str, build: Callable[[], object]):
+    """`build()`'s copy of the model's weights for decoding (FastLlama, a compiled step), kept with the model between
+    generate calls (building one copies every weight) and rebuilt once any parameter or buffer has changed: replaced
+    (new storage) or updated in place (its version counter moves)."""
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    if any(t.is_inference() for t in tensors):  # inference tensors keep no version counter: nothing to compare
+        return build()
+    state = tuple((t.data_ptr(), t._version) for t in tensors)
+    copies = _KEPT.setdefault(model, {})
+    if kind not in copies or copies[kind][0] != state:
+        copies[kind] = (state, build())
+    return copies[kind][1]
 
 
 def fast_llama(model: nn.Module) -> FastLlama:
-    """The model's FastLlama, kept between generate calls (building one copies every weight) and rebuilt once any
-    parameter or buffer has changed: replaced (new storage) or updated in place (its version counter moves)."""
-    tensors = list(itertools.chain(model.parameters(), model.buffers()))
-    if any(t.is_inference() for t in tensors):  # inference tensors keep no version counter: nothing to compare
-        return FastLlama(model)
-    state = tuple((t.data_ptr(), t._version) for t in tensors)
-    kept = _FAST_COPIES.get(model)
-    if kept is None or kept[0] != state:
-        kept = _FAST_COPIES[model] = (state, FastLlama(model))
-    return kept[1]
+    """The model's FastLlama, kept with it (`kept_copy`)."""
+    return kept_copy(model, "fast", lambda: FastLlama(model))
 
 
 def forward_step(model: nn.Module) -> Callable[[torch.Tensor, object], torch.Tensor]:

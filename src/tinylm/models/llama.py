@@ -179,8 +179,16 @@ class Llama(nn.Module):
             multiplying -= self.tok_embeddings.weight.numel()
         return 6.0 * multiplying + 12 * c.n_layers * c.n_heads * c.resolved_head_dim() * c.context_length
 
-    def decode_step(self, fast: bool = True):
-        """step(ids, cache) -> next-token logits for one id per row: the fused FastLlama step, or model.forward."""
+    def decode_step(self, fast: bool = True, compiled: str | None = None):
+        """step(ids, cache) -> next-token logits for one id per row: the compiled step with weights in `compiled`'s
+        dtype ("float32" or "int8", models/compiled.py) where it can run, else the fused FastLlama step, or
+        model.forward."""
+        if compiled is not None:
+            from tinylm.models.compiled import compiled_step
+
+            step = compiled_step(self, compiled)
+            if step is not None:
+                return step
         return fast_llama(self).step if fast else forward_step(self)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:

@@ -112,8 +112,13 @@ class MicroMixer(nn.Module):
         """Training FLOPs per token: 6 N (every parameter multiplies; there is no attention term)."""
         return 6.0 * sum(p.numel() for p in self.parameters())
 
-    def decode_step(self, fast: bool = True):
-        """step(ids, cache) -> next-token logits; the running-sum state already makes a step O(1)."""
+    def decode_step(self, fast: bool = True, compiled: str | None = None):
+        """step(ids, cache) -> next-token logits; the running-sum state already makes a step O(1). There is no
+        compiled step for this architecture: asking for one says so once and decodes eagerly."""
+        if compiled is not None:
+            from tinylm.models.compiled import compiled_step
+
+            compiled_step(self, compiled)
         return forward_step(self)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> MixerState:

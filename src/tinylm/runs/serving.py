@@ -37,15 +37,16 @@ def load_served(paths: list[str], names: list[str] | None = None, which: str = "
 
 
 def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: Limits = Limits()) -> None:
-    """Serve until SIGINT or SIGTERM: in-flight streams get a few seconds to finish, then are cancelled."""
+          limits: Limits = Limits(), compiled: str | None = None) -> None:
+    """Serve until SIGINT or SIGTERM: in-flight streams get a few seconds to finish, then are cancelled. `compiled`:
+    decode with the compiled step in that dtype (models/compiled.py)."""
     import uvicorn
 
     from tinylm.infer.server import cancel_all, create_app
 
     if not 0 <= port < 65536:
         raise TinylmError(f"--port must be in [0, 65535], got {port}")
-    app = create_app(models, api_key, limits)
+    app = create_app(models, api_key, limits, compiled=compiled)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:

@@ -33,9 +33,10 @@ def eval_batch_size(batch_size: int, context_length: int, vocab_size: int) -> in
 @torch.no_grad()
 def loss_sums(model: torch.nn.Module, batches: Iterable, device: torch.device | str = "cpu",
               autocast=contextlib.nullcontext, max_batches: int | None = None, rank: int = 0,
-              world: int = 1) -> tuple[float, int]:
+              world: int = 1, compiled: str | None = None) -> tuple[float, int]:
     """(total nats, predicted tokens) over `batches`; with world > 1 each rank takes every world-th batch and the
-    sums are added across ranks."""
+    sums are added across ranks. `compiled` scores the compiled decode step in that dtype instead of the forward
+    pass, feeding each batch one position at a time as decoding does (models/compiled.py)."""
     device = torch.device(device)
     nats = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
@@ -48,8 +49,11 @@ def loss_sums(model: torch.nn.Module, batches: Iterable, device: torch.device | 
             if index % world != rank:
                 continue
             x, y = x.to(device), y.to(device)
-            with autocast():
-                logits, _ = model(x)
+            if compiled is not None:
+                logits = stepped_logits(model, x, compiled)
+            else:
+                with autocast():
+                    logits, _ = model(x)
             nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
                                     reduction="sum").double()
             count += (y != IGNORE_INDEX).sum()
@@ -62,6 +66,15 @@ def loss_sums(model: torch.nn.Module, batches: Iterable, device: torch.device | 
         dist.all_reduce(both)
         nats, count = both[0], both[1]
     return float(nats), int(count)
+
+
+def stepped_logits(model: torch.nn.Module, ids: torch.Tensor, compiled: str) -> torch.Tensor:
+    """(batch, length, vocab) logits of `ids` through the compiled step, one position at a time from an empty cache."""
+    from tinylm.models.compiled import compiled_step
+
+    step = compiled_step(model, compiled, fallback=False)
+    cache = model.new_cache(ids.shape[0], max_len=ids.shape[1])
+    return torch.stack([step(ids[:, t], cache) for t in range(ids.shape[1])], dim=1)
 
 
 def bits_per_byte(nats: float, n_bytes: int) -> float:
@@ -102,8 +115,10 @@ def summarise(nats: float, tokens: int, n_bytes: int) -> Evaluation:
 
 
 def evaluate(model: torch.nn.Module, tokenizer, shard, context_length: int | None = None,
-             batch_size: int = 16, device: torch.device | str | None = None) -> Evaluation:
-    """Loss, perplexity and bits per byte of `model` over the WHOLE shard (model in any mode; left as it was)."""
+             batch_size: int = 16, device: torch.device | str | None = None,
+             compiled: str | None = None) -> Evaluation:
+    """Loss, perplexity and bits per byte of `model` over the WHOLE shard (model in any mode; left as it was), by
+    its forward pass or, with `compiled` ("float32" or "int8"), by the compiled decode step in that dtype."""
     check_tokenizer(shard.meta, tokenizer, shard.path.parent)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise TinylmError(f"the tokenizer's {tokenizer.vocab_size} ids do not fit the model's "
@@ -111,5 +126,5 @@ def evaluate(model: torch.nn.Module, tokenizer, shard, context_length: int | Non
     context_length = context_length or model.config.context_length
     device = device or next(model.parameters()).device
     batch_size = eval_batch_size(batch_size, context_length, model.config.vocab_size)
-    nats, tokens = loss_sums(model, eval_batches(shard, batch_size, context_length), device)
+    nats, tokens = loss_sums(model, eval_batches(shard, batch_size, context_length), device, compiled=compiled)
     return summarise(nats, tokens, shard.n_bytes)
