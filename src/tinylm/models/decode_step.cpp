@@ -100,7 +100,7 @@ inline f32x16 exp16(f32x16 x) {
     return p * two_n;
 }
 
-// Up to 16 of the first `count` floats of `values` from `i` as one vector at `i`, zeros past the end.
+// values[i] up to values[min(i + 16, count) - 1] as one vector, zeros past count.
 inline f32x16 load_tail(const float* values, int64_t i, int64_t count) {
     f32x16 v = {};
     std::memcpy(&v, values + i, std::min<int64_t>(LANES, count - i) * sizeof(float));
