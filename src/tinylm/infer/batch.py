@@ -109,7 +109,7 @@ class ContinuousBatch:
         for slots in groups.values():
             settings = self.slots[slots[0]].sampling
             generators = [self.slots[s].generator for s in slots]
-            if len(slots) == len(self.slots):  # every slot, in order: no gather (a step of one row costs ~0.5 ms)
+            if len(slots) == len(self.slots):  # every slot, in order: no gather and scatter (a few of a step's ops)
                 seen = self.seen if settings.repetition_penalty != 1.0 else None
                 chosen = pick(settings, self.logits, seen, generators)
                 continue
