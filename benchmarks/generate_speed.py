@@ -80,7 +80,7 @@ def llama_cpp_runs(model, recipe, prompt: list[int], n: int, threads: int, folde
 
 def compile_seconds(model, folder: str) -> dict:
     """Seconds to a ready int8 compiled step: built into an empty cache directory, then with the build cached."""
-    os.environ["TINYLM_CACHE"] = folder
+    previous, os.environ["TINYLM_CACHE"] = os.environ.get("TINYLM_CACHE"), folder
     try:
         seconds = []
         for _ in range(2):
@@ -88,7 +88,10 @@ def compile_seconds(model, folder: str) -> dict:
             CompiledLlama(model, "int8")
             seconds.append(time.perf_counter() - started)
     finally:
-        del os.environ["TINYLM_CACHE"]
+        if previous is None:
+            del os.environ["TINYLM_CACHE"]
+        else:
+            os.environ["TINYLM_CACHE"] = previous
     return {"compile_seconds_first": seconds[0], "compile_seconds_cached": seconds[1]}
 
 

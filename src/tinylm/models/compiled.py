@@ -45,6 +45,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tinylm"
 
 
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise TinylmError(f"the compiled step's dtype is one of {', '.join(DTYPES)}, not {dtype!r}")
+
+
 def compiler() -> str:
     found = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not found or not shutil.which(found):
@@ -119,8 +124,7 @@ class CompiledLlama:
     row's position, (batch, vocab) float32 logits back. The tensors the native step reads are kept here."""
 
     def __init__(self, model: nn.Module, dtype: str = "float32", portable: bool = False):
-        if dtype not in DTYPES:
-            raise TinylmError(f"the compiled step's dtype is one of {', '.join(DTYPES)}, not {dtype!r}")
+        check_dtype(dtype)
         self.library = _load(library_path(portable))
         self.dtype, self.kept = dtype, []
         fast = FastLlama(model)  # the folded (in, out) matrices, shared with the eager step's arithmetic
@@ -192,8 +196,7 @@ def compiled_step(model: nn.Module, dtype: str = "float32", fallback: bool = Tru
     """The model's compiled step (kept with it like the eager one). Where it cannot run (another architecture, a model
     off the CPU or not in float32, no C++ compiler): None after one line on stderr, or with fallback=False a
     TinylmError saying why."""
-    if dtype not in DTYPES:
-        raise TinylmError(f"the compiled step's dtype is one of {', '.join(DTYPES)}, not {dtype!r}")
+    check_dtype(dtype)
     weight = model.tok_embeddings.weight
     try:
         if getattr(model, "family", None) != "llama":

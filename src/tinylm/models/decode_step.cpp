@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512VNNI__) && defined(__AVX512F__) && !defined(TINYLM_PORTABLE)
@@ -186,6 +187,13 @@ inline void store(float* y, const f32x16& v, int valid, bool accumulate) {
     for (int j = 0; j < valid; ++j) y[j] = accumulate ? y[j] + v[j] : v[j];
 }
 
+// The bias of outputs first .. first + valid - 1 (zeros without one, and past valid).
+inline f32x16 bias_lanes(const Matrix& w, int first, int valid) {
+    f32x16 bias = {};
+    if (w.bias) std::memcpy(&bias, w.bias + first, valid * sizeof(float));
+    return bias;
+}
+
 inline i32x16 dot4(i32x16 acc, i32x16 x_u8, i32x16 w_s8) {
 #ifdef TINYLM_VNNI
     return (i32x16)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)x_u8, (__m512i)w_s8);
@@ -213,9 +221,8 @@ void tile_f32(const Matrix& w, const float* x, int ldx, int block, float* y, int
         }
     }
     for (int c = 0; c < C; ++c) {
-        int first = (block + c) * LANES, valid = std::min(LANES, w.out - first);
-        f32x16 bias = {};
-        if (w.bias) for (int j = 0; j < valid; ++j) bias[j] = w.bias[first + j];
+        const int first = (block + c) * LANES, valid = std::min(LANES, w.out - first);
+        const f32x16 bias = bias_lanes(w, first, valid);
         for (int r = 0; r < R; ++r) store(y + r * ldy + first, acc[r][c] + bias, valid, accumulate);
     }
 }
@@ -237,10 +244,9 @@ void tile_i8(const Matrix& w, const uint8_t* x_u8, const float* x_scale, int blo
         }
     }
     for (int c = 0; c < C; ++c) {
-        int first = (block + c) * LANES, valid = std::min(LANES, w.out - first);
-        i32x16 shift = load(reinterpret_cast<const int8_t*>(w.shift + first));  // padded: 16 always readable
-        f32x16 scale = load(w.scale + first), bias = {};
-        if (w.bias) for (int j = 0; j < valid; ++j) bias[j] = w.bias[first + j];
+        const int first = (block + c) * LANES, valid = std::min(LANES, w.out - first);
+        const i32x16 shift = load(reinterpret_cast<const int8_t*>(w.shift + first));  // padded: 16 always readable
+        const f32x16 scale = load(w.scale + first), bias = bias_lanes(w, first, valid);
         for (int r = 0; r < R; ++r) {
             f32x16 sums = __builtin_convertvector(acc[r][c] - shift, f32x16);
             store(y + r * ldy + first, sums * (scale * x_scale[r]) + bias, valid, accumulate);
@@ -248,33 +254,18 @@ void tile_i8(const Matrix& w, const uint8_t* x_u8, const float* x_scale, int blo
     }
 }
 
-template <int C>
-void rows_f32(const Matrix& w, const float* x, int ldx, int rows, int block, float* y, int ldy, bool acc) {
+// f(R, r) for the rows r .. r + R - 1 of `rows`, in tiles of ROW_TILE and one tile of the 1-5 left; R is a
+// compile-time constant (std::integral_constant), so each tile size is its own unrolled kernel.
+template <typename F>
+void row_tiles(int rows, F f) {
     int r = 0;
-    for (; r + ROW_TILE <= rows; r += ROW_TILE)
-        tile_f32<ROW_TILE, C>(w, x + r * ldx, ldx, block, y + r * ldy, ldy, acc);
+    for (; r + ROW_TILE <= rows; r += ROW_TILE) f(std::integral_constant<int, ROW_TILE>{}, r);
     switch (rows - r) {
-        case 1: tile_f32<1, C>(w, x + r * ldx, ldx, block, y + r * ldy, ldy, acc); break;
-        case 2: tile_f32<2, C>(w, x + r * ldx, ldx, block, y + r * ldy, ldy, acc); break;
-        case 3: tile_f32<3, C>(w, x + r * ldx, ldx, block, y + r * ldy, ldy, acc); break;
-        case 4: tile_f32<4, C>(w, x + r * ldx, ldx, block, y + r * ldy, ldy, acc); break;
-        case 5: tile_f32<5, C>(w, x + r * ldx, ldx, block, y + r * ldy, ldy, acc); break;
-        default: break;
-    }
-}
-
-template <int C>
-void rows_i8(const Matrix& w, const uint8_t* x, const float* s, int rows, int block, float* y, int ldy, bool acc) {
-    int r = 0;
-    int64_t ld = w.in4;
-    for (; r + ROW_TILE <= rows; r += ROW_TILE)
-        tile_i8<ROW_TILE, C>(w, x + r * ld, s + r, block, y + r * ldy, ldy, acc);
-    switch (rows - r) {
-        case 1: tile_i8<1, C>(w, x + r * ld, s + r, block, y + r * ldy, ldy, acc); break;
-        case 2: tile_i8<2, C>(w, x + r * ld, s + r, block, y + r * ldy, ldy, acc); break;
-        case 3: tile_i8<3, C>(w, x + r * ld, s + r, block, y + r * ldy, ldy, acc); break;
-        case 4: tile_i8<4, C>(w, x + r * ld, s + r, block, y + r * ldy, ldy, acc); break;
-        case 5: tile_i8<5, C>(w, x + r * ld, s + r, block, y + r * ldy, ldy, acc); break;
+        case 1: f(std::integral_constant<int, 1>{}, r); break;
+        case 2: f(std::integral_constant<int, 2>{}, r); break;
+        case 3: f(std::integral_constant<int, 3>{}, r); break;
+        case 4: f(std::integral_constant<int, 4>{}, r); break;
+        case 5: f(std::integral_constant<int, 5>{}, r); break;
         default: break;
     }
 }
@@ -307,15 +298,21 @@ void product(const Matrix& w, const float* x, int ldx, int rows, float* y, int l
     int pairs = (w.blocks + 1) / 2;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int pair = 0; pair < pairs; ++pair) {
-        int block = 2 * pair;
-        bool two = block + 1 < w.blocks;
-        if (w.i8) {
-            if (two) rows_i8<2>(w, x_u8, x_scale, rows, block, y, ldy, accumulate);
-            else rows_i8<1>(w, x_u8, x_scale, rows, block, y, ldy, accumulate);
-        } else {
-            if (two) rows_f32<2>(w, x, ldx, rows, block, y, ldy, accumulate);
-            else rows_f32<1>(w, x, ldx, rows, block, y, ldy, accumulate);
-        }
+        const int block = 2 * pair;
+        const bool two = block + 1 < w.blocks;
+        row_tiles(rows, [&](auto tile, int r) {
+            constexpr int R = decltype(tile)::value;
+            float* out = y + (int64_t)r * ldy;
+            if (w.i8) {
+                const uint8_t* xr = x_u8 + (int64_t)r * w.in4;
+                if (two) tile_i8<R, 2>(w, xr, x_scale + r, block, out, ldy, accumulate);
+                else tile_i8<R, 1>(w, xr, x_scale + r, block, out, ldy, accumulate);
+            } else {
+                const float* xr = x + (int64_t)r * ldx;
+                if (two) tile_f32<R, 2>(w, xr, ldx, block, out, ldy, accumulate);
+                else tile_f32<R, 1>(w, xr, ldx, block, out, ldy, accumulate);
+            }
+        });
     }
 }
 
